@@ -1,0 +1,175 @@
+"""Denoise one block (or the first window) for one or many sessions at once.
+
+This is the model runner: it composes the flow transformer, the Euler sampler and
+the rolling KV cache. Requests of the same shape (token count, cache present, NFE)
+run as one batched forward per sampler step, each with its own guidance scales,
+positions and cache; that is what the generator service batches across sessions.
+
+Per request, the tokens are [lookahead clean context frames (t = 0)] + [new noise
+frames]; the first window has no context. After the last step one more call at
+t = 0 on the final latents writes the KV cache (the release's cache update); the
+sampler's own final call at t = 0 is skipped because its update is the identity.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from avatar_forcing.flow_transformer import FlowTransformer
+from avatar_forcing.kv_cache import FlowCache, roll_cache
+from avatar_forcing.sampling import GUIDANCE_ROWS, FlowMatchEuler, GuidanceScales
+
+
+@dataclass
+class Conditions:
+    """Per-frame condition features of one chunk, each (Lc, 512)."""
+
+    avatar_audio: Tensor
+    user_audio: Tensor
+    user_motion: Tensor
+
+    def __len__(self) -> int:
+        return self.avatar_audio.shape[0]
+
+    def guidance_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows [uncond, audio, user]: absent conditions are zeros (they still pass the encoder)."""
+        zeros = torch.zeros_like(self.avatar_audio)
+        avatar = torch.stack([zeros, self.avatar_audio, zeros])
+        user_audio = torch.stack([zeros, zeros, self.user_audio])
+        user_motion = torch.stack([zeros, zeros, self.user_motion])
+        return avatar, user_audio, user_motion  # each (3, Lc, 512)
+
+
+@dataclass
+class BlockRequest:
+    conditions: Conditions  # frames [start_frame, start_frame + L)
+    reference_motion: Tensor  # (512,) r_s of the portrait
+    noise: Tensor  # (n_new, 512) initial noise of the new frames
+    start_frame: int  # absolute frame index of the first token (context included)
+    context: Tensor | None = None  # (lookahead, 512) clean latents; None for the first window
+    cache: FlowCache | None = None  # 3 guidance rows
+    guidance: GuidanceScales = field(default_factory=GuidanceScales)
+    nfe: int = 10
+
+    @property
+    def num_tokens(self) -> int:
+        return self.noise.shape[0] + (0 if self.context is None else self.context.shape[0])
+
+    def batch_key(self) -> tuple[int, bool, int, int]:
+        cache_len = -1 if self.cache is None else self.cache.self_positions.shape[1]
+        return (self.num_tokens, self.cache is not None, cache_len, self.nfe)
+
+
+@dataclass
+class BlockResult:
+    latents: Tensor  # (n_new, 512) the block's new motion latents
+    tokens: Tensor  # (L, 512) all final tokens (context included)
+    cache: FlowCache  # the cache for the next block
+
+
+class BlockSampler:
+    def __init__(
+        self,
+        model: FlowTransformer,
+        sampler: FlowMatchEuler | None = None,
+        skip_final_noop: bool = True,
+        on_step: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        """`skip_final_noop=False` makes the release's last call at t = 0 too (it changes nothing).
+        `on_step` sees the (n, L, 512) latents after every sampler step (diagnostics, parity tests)."""
+        self.model = model
+        self.sampler = sampler or FlowMatchEuler(model.config.num_train_timesteps)
+        self.skip_final_noop = skip_final_noop
+        self.on_step = on_step
+
+    @torch.no_grad()
+    def run(self, requests: list[BlockRequest], block: int | None = None) -> list[BlockResult]:
+        """Denoise every request; requests of equal shape share each forward pass."""
+        results: list[BlockResult | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.batch_key(), []).append(i)
+        for indices in groups.values():
+            for i, result in zip(indices, self._run_group([requests[i] for i in indices], block), strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _run_group(self, requests: list[BlockRequest], block: int | None) -> list[BlockResult]:
+        model, cfg = self.model, self.model.config
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        n = len(requests)
+        L = requests[0].num_tokens
+        R = GUIDANCE_ROWS * n
+
+        # Conditions and their cross-attention K/V are fixed for the whole block: compute once.
+        rows = [r.conditions.guidance_rows() for r in requests]
+        avatar, user_audio, user_motion = (torch.cat([row[k] for row in rows]).to(device, dtype) for k in range(3))
+        cond_kv = model.condition_kv(model.embed_conditions(avatar, user_audio, user_motion))
+        positions = torch.stack(
+            [torch.arange(r.start_frame, r.start_frame + L, device=device) for r in requests]
+        ).repeat_interleave(GUIDANCE_ROWS, dim=0)  # (R, L)
+        reference = torch.stack([r.reference_motion for r in requests]).to(device, dtype)
+        reference = reference.repeat_interleave(GUIDANCE_ROWS, dim=0)  # (R, 512)
+        cache = None if requests[0].cache is None else FlowCache.concat([r.cache for r in requests]).to(device)
+
+        x = torch.stack([r.noise if r.context is None else torch.cat([r.context, r.noise]) for r in requests]).to(
+            device, dtype
+        )  # (n, L, 512)
+        num_context = L - requests[0].noise.shape[0]
+        is_new = torch.arange(L, device=device) >= num_context  # (L,)
+        scales = [r.guidance for r in requests]
+
+        timesteps = self.sampler.timestep_list(requests[0].nfe)
+        steps = list(itertools.pairwise(timesteps))
+        if not self.skip_final_noop:
+            steps.append((timesteps[-1], timesteps[-1]))  # t = 0 -> 0: the identity update
+        for t_now, t_next in steps:
+            t_tokens = torch.where(is_new, t_now, 0.0).expand(R, L).to(device)
+            out = model(
+                x.repeat_interleave(GUIDANCE_ROWS, dim=0),
+                t_tokens,
+                reference,
+                positions,
+                cond_kv,
+                positions,
+                cache,
+                block,
+            )
+            velocity = out.velocity.view(n, GUIDANCE_ROWS, L, -1)
+            guided = torch.stack([s.combine(velocity[i]) for i, s in enumerate(scales)])  # (n, L, 512)
+            sigma_now = torch.where(is_new, self.sampler.sigma(t_now), 0.0)[None, :, None]
+            sigma_next = torch.where(is_new, self.sampler.sigma(t_next), 0.0)[None, :, None]
+            x = self.sampler.step(x, guided, sigma_now.to(device), sigma_next.to(device))
+            if self.on_step is not None:
+                self.on_step(x)
+        # The list's last call (t = 0) leaves x unchanged and the cache-writing call below sees
+        # exactly the same inputs, so by default only the latter runs.
+
+        out = model(
+            x.repeat_interleave(GUIDANCE_ROWS, dim=0),
+            torch.zeros(R, L, device=device),
+            reference,
+            positions,
+            cond_kv,
+            positions,
+            cache,
+            block,
+        )
+        new_cache = roll_cache(
+            cache,
+            out.self_kv,
+            cond_kv,
+            positions,
+            positions,
+            self_len=cfg.window - (block or cfg.block) - cfg.lookahead,
+            lookahead=cfg.lookahead,
+            cross_len=cfg.cross_window,
+        )
+        caches = new_cache.split([GUIDANCE_ROWS] * n)
+        return [BlockResult(latents=x[i, num_context:], tokens=x[i], cache=caches[i]) for i in range(n)]

@@ -1,0 +1,108 @@
+"""Offline generation: portrait + avatar audio + user video -> an mp4 of the avatar.
+
+The embedded default of the platform: the whole model in this process, no cluster.
+Blocks flow through the same streaming engine the services use, and frames are
+decoded and written as each block is done, so memory stays bounded for long clips.
+
+Alignment: the avatar's audio sets the length (T = ceil(samples * 25 / 16000)
+frames). The user's tracks are cut to T, or extended by repeating the last video
+frame and by silence; the user's audio is `--user-audio`, else the user video's
+own track, else silence.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from avatar_forcing.audio_encoder import num_frames_for
+from avatar_forcing.config import SAMPLES_PER_FRAME
+from avatar_forcing.face_crop import FaceCropper
+from avatar_forcing.frames import decode_frames, encode_portrait, encode_user_motion
+from avatar_forcing.media import VideoWriter, load_audio, load_image, read_video, side_by_side
+from avatar_forcing.model import AvatarForcing
+from avatar_forcing.motion_stream import MotionStream, StreamOptions
+
+
+@dataclass
+class GenerationRequest:
+    portrait: Path
+    avatar_audio: Path
+    user_video: Path
+    out: Path
+    user_audio: Path | None = None
+    options: StreamOptions = field(default_factory=StreamOptions)
+    seed: int = 0
+    side_by_side: bool = False
+    progress: bool = True
+
+
+def fit_samples(samples: np.ndarray, length: int) -> np.ndarray:
+    """Cut, or extend with silence, to exactly `length` samples."""
+    return samples[:length] if samples.shape[0] >= length else np.pad(samples, (0, length - samples.shape[0]))
+
+
+def fit_frames(frames: np.ndarray, length: int) -> np.ndarray:
+    """Cut, or extend by repeating the last frame, to exactly `length` frames."""
+    if frames.shape[0] >= length:
+        return frames[:length]
+    return np.concatenate([frames, np.repeat(frames[-1:], length - frames.shape[0], axis=0)])
+
+
+@torch.no_grad()
+def generate_video(model: AvatarForcing, request: GenerationRequest) -> int:
+    """Write the video; returns the number of frames written."""
+    size = model.config.motion_autoencoder.image_size
+    cropper = FaceCropper(size)
+    portrait = encode_portrait(
+        model.motion_autoencoder, cropper.crop_portrait(load_image(request.portrait), str(request.portrait))
+    )
+
+    avatar_audio = load_audio(request.avatar_audio, model.config.sample_rate)
+    if avatar_audio.size == 0:
+        raise ValueError(f"avatar audio {request.avatar_audio}: no samples")
+    T = num_frames_for(avatar_audio.shape[0])
+    clip = read_video(request.user_video, model.config.fps)
+    user_wave = load_audio(request.user_audio, model.config.sample_rate) if request.user_audio else clip.audio
+    if user_wave is None:
+        user_wave = np.zeros(0, np.float32)
+    user_wave = fit_samples(user_wave, T * SAMPLES_PER_FRAME)
+
+    user_crops = fit_frames(cropper.crop_video(clip.frames, str(request.user_video)), T)
+    user_raw = fit_frames(clip.frames, T) if request.side_by_side else None
+
+    encoder = model.audio_encoder
+    avatar_features = encoder.encode_clip(avatar_audio)  # whole clip at once, as the release does
+    # Silence has zero variance; normalising it would divide by ~0, so silent user audio stays zero.
+    user_features = (
+        encoder.encode_clip(user_wave) if np.abs(user_wave).max(initial=0) > 0 else torch.zeros_like(avatar_features)
+    )
+    user_motion = encode_user_motion(model.motion_autoencoder, user_crops)
+
+    stream = MotionStream(model.block_sampler(), portrait.reference_motion, request.options, seed=request.seed)
+    stream.push(avatar_features.float().cpu(), user_features[:T].float().cpu(), user_motion)
+    stream.finish()
+
+    written = 0
+    bar = tqdm(total=T, unit="frame", desc="generating", disable=not request.progress, file=sys.stderr)
+    with VideoWriter(
+        request.out, fps=model.config.fps, audio=avatar_audio, sample_rate=model.config.sample_rate
+    ) as writer:
+        while (block_request := stream.next_request()) is not None:
+            block = stream.accept(stream.sampler.run([block_request], request.options.block)[0])
+            if block is None:
+                continue
+            frames = decode_frames(model.motion_autoencoder, portrait, block.latents)
+            for i, frame in enumerate(frames):
+                if user_raw is not None:
+                    frame = side_by_side(frame, user_raw[block.frame_index + i])
+                writer.write(frame)
+            written += len(frames)
+            bar.update(len(frames))
+    bar.close()
+    return written

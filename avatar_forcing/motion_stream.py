@@ -1,0 +1,274 @@
+"""Streaming motion generation for one session.
+
+`MotionStream` takes per-frame condition features (avatar audio, user audio, user
+motion), each stream in any chunk sizes and at its own pace, and emits motion
+latents block by block as soon as the inputs of a block are complete. Its state
+is explicit and serialisable: frame cursor, buffered inputs, clean context
+latents, KV caches (self and condition), and the noise RNG. Fed the same inputs
+and noise it equals `offline.sample_motion`.
+
+Frame numbers: inputs and outputs use *session* frame indices (0 = first frame
+the caller pushed). Internally positions are absolute model frames; with warm
+start the first window is generated from idle input at absolute frames
+[0, window) and session frame 0 is absolute frame `window`, so the first live
+block needs `block` frames of input instead of `window`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from avatar_forcing.block_sampler import BlockRequest, BlockResult, BlockSampler, Conditions
+from avatar_forcing.kv_cache import FlowCache
+from avatar_forcing.offline import pad_frames
+from avatar_forcing.sampling import GuidanceScales
+
+STREAMS = ("avatar_audio", "user_audio", "user_motion")
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Per-session generation options.
+
+    block: frames per block after the first window (latency vs. cost: a 5-frame block
+        answers in 200 ms of input but costs about twice the compute per second).
+    nfe: sampler steps per block (the release: 10; fewer is faster and blurrier).
+    guidance: classifier-free guidance scales for avatar audio and user signals.
+    warm_start: generate the first window at once from idle input (silence, no user)
+        so that the first live block waits for `block` frames, not `window`.
+    """
+
+    block: int = 10
+    nfe: int = 10
+    guidance: GuidanceScales = field(default_factory=GuidanceScales)
+    warm_start: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> StreamOptions:
+        data = json.loads(text)
+        data["guidance"] = GuidanceScales(**data["guidance"])
+        return cls(**data)
+
+
+@dataclass
+class MotionBlock:
+    frame_index: int  # session frame index of latents[0]
+    latents: Tensor  # (n, 512)
+
+
+def _as_frames(name: str, value: Tensor, dim: int) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor of shape (n, {dim}), got {type(value).__name__}")
+    if value.ndim != 2 or value.shape[1] != dim:
+        raise ValueError(f"{name}: expected shape (n, {dim}), got {tuple(value.shape)}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return value.detach().float().cpu()
+
+
+class MotionStream:
+    def __init__(
+        self,
+        block_sampler: BlockSampler,
+        reference_motion: Tensor,
+        options: StreamOptions | None = None,
+        seed: int = 0,
+        idle_features: Conditions | None = None,
+    ) -> None:
+        self.sampler = block_sampler
+        self.config = block_sampler.model.config
+        self.options = options or StreamOptions()
+        self.config.with_block(self.options.block)  # validates the block size
+        dim = self.config.motion_dim
+        self.reference_motion = _as_frames("reference_motion", reference_motion.reshape(1, -1), dim)[0]
+        self.generator = torch.Generator().manual_seed(seed)
+        self.frame_offset = 0
+        self.next_frame = 0  # absolute frame index of the next frame to generate
+        self.input_start = 0  # absolute frame index of inputs[*][0]
+        self.inputs = {name: torch.zeros(0, dim) for name in STREAMS}
+        self.context: Tensor | None = None
+        self.cache: FlowCache | None = None
+        self.total_frames: int | None = None  # set by finish(): session frames of input
+        if self.options.warm_start:
+            self._warm_start(idle_features)
+
+    # -- input ---------------------------------------------------------------------------
+
+    def push(
+        self,
+        avatar_audio: Tensor | None = None,
+        user_audio: Tensor | None = None,
+        user_motion: Tensor | None = None,
+    ) -> None:
+        """Append per-frame features (n, 512) to any of the three streams."""
+        if self.total_frames is not None:
+            raise ValueError("push: the stream was finished; no more input is accepted")
+        for name, value in zip(STREAMS, (avatar_audio, user_audio, user_motion), strict=True):
+            if value is not None:
+                self.inputs[name] = torch.cat([self.inputs[name], _as_frames(name, value, self.config.motion_dim)])
+
+    def finish(self) -> None:
+        """No more input: the remaining frames are generated with the last frame repeated."""
+        lengths = {name: self._available(name) - self.frame_offset for name in STREAMS}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"finish: streams have different lengths {lengths}; expected equal frame counts")
+        self.total_frames = lengths["avatar_audio"]
+        if self.total_frames <= 0 and self.next_frame <= self.frame_offset:
+            raise ValueError("finish: no input frames were pushed")
+
+    # -- generation ------------------------------------------------------------------------
+
+    def next_request(self, nfe: int | None = None) -> BlockRequest | None:
+        """The next block's request if its inputs are complete, else None."""
+        cfg, opts = self.config, self.options
+        first = self.cache is None
+        start = 0 if first else self.next_frame - cfg.lookahead
+        stop = cfg.window if first else self.next_frame + opts.block
+        if self.total_frames is not None:
+            if self.next_frame >= self.frame_offset + self.total_frames:
+                return None
+        elif min(self._available(name) for name in STREAMS) < stop:
+            return None
+        conditions = Conditions(*(self._frames(name, start, stop) for name in STREAMS))
+        new = cfg.window if first else opts.block
+        return BlockRequest(
+            conditions,
+            self.reference_motion,
+            torch.randn((new, cfg.motion_dim), generator=self.generator),
+            start,
+            context=self.context,
+            cache=self.cache,
+            guidance=opts.guidance,
+            nfe=nfe or opts.nfe,
+        )
+
+    def accept(self, result: BlockResult) -> MotionBlock | None:
+        """Advance the state with a finished request; returns the frames due for output."""
+        first_frame = self.next_frame
+        self.context = result.tokens[-self.config.lookahead :].detach().float().cpu().clone()
+        self.cache = result.cache
+        self.next_frame += result.latents.shape[0]
+        self._drop_consumed_inputs()
+        latents = result.latents.detach().float().cpu()
+        keep_from = max(0, self.frame_offset - first_frame)  # warm-start frames are not output
+        keep_to = latents.shape[0]
+        if self.total_frames is not None:
+            keep_to = min(keep_to, self.frame_offset + self.total_frames - first_frame)
+        if keep_from >= keep_to:
+            return None
+        return MotionBlock(first_frame + keep_from - self.frame_offset, latents[keep_from:keep_to])
+
+    def pull(self, nfe: int | None = None) -> list[MotionBlock]:
+        """Generate every block whose inputs are complete."""
+        blocks = []
+        while (request := self.next_request(nfe)) is not None:
+            block = self.accept(self.sampler.run([request], self.options.block)[0])
+            if block is not None:
+                blocks.append(block)
+        return blocks
+
+    @property
+    def frames_emitted(self) -> int:
+        return max(0, self.next_frame - self.frame_offset)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The whole session state as one safetensors blob (tensors + JSON metadata)."""
+        tensors = {f"input.{name}": self.inputs[name] for name in STREAMS}
+        tensors["reference_motion"] = self.reference_motion
+        tensors["rng_state"] = self.generator.get_state()
+        if self.context is not None:
+            tensors["context"] = self.context
+        if self.cache is not None:
+            tensors.update(self.cache.to(torch.device("cpu")).to_tensors("cache."))
+        meta = {
+            "version": STATE_VERSION,
+            "options": self.options.to_json(),
+            "frame_offset": self.frame_offset,
+            "next_frame": self.next_frame,
+            "input_start": self.input_start,
+            "total_frames": self.total_frames,
+            "depth": self.config.depth,
+        }
+        return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, {"state": json.dumps(meta)})
+
+    @classmethod
+    def from_bytes(cls, block_sampler: BlockSampler, data: bytes) -> MotionStream:
+        try:
+            tensors = load_safetensors(data)
+            meta = json.loads(load_metadata(data)["state"])
+        except Exception as exc:
+            raise ValueError(f"session state: not a valid MotionStream state blob ({exc})") from exc
+        if meta.get("version") != STATE_VERSION:
+            raise ValueError(f"session state: version {meta.get('version')} unsupported; expected {STATE_VERSION}")
+        if meta["depth"] != block_sampler.model.config.depth:
+            raise ValueError(
+                f"session state: made by a model of depth {meta['depth']}, this model has "
+                f"{block_sampler.model.config.depth}"
+            )
+        stream = cls.__new__(cls)
+        stream.sampler = block_sampler
+        stream.config = block_sampler.model.config
+        stream.options = StreamOptions.from_json(meta["options"])
+        stream.reference_motion = tensors["reference_motion"]
+        stream.generator = torch.Generator()
+        stream.generator.set_state(tensors["rng_state"])
+        stream.frame_offset = meta["frame_offset"]
+        stream.next_frame = meta["next_frame"]
+        stream.input_start = meta["input_start"]
+        stream.total_frames = meta["total_frames"]
+        stream.inputs = {name: tensors[f"input.{name}"] for name in STREAMS}
+        stream.context = tensors.get("context")
+        has_cache = "cache.self_positions" in tensors
+        stream.cache = FlowCache.from_tensors(tensors, stream.config.depth, "cache.") if has_cache else None
+        return stream
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _available(self, name: str) -> int:
+        """Absolute frame index one past the last pushed frame of a stream."""
+        return self.input_start + self.inputs[name].shape[0]
+
+    def _frames(self, name: str, start: int, stop: int) -> Tensor:
+        """Absolute frames [start, stop) of a stream; past the end of a finished stream, padded."""
+        track = self.inputs[name][start - self.input_start : stop - self.input_start]
+        return pad_frames(track, stop - start)
+
+    def _drop_consumed_inputs(self) -> None:
+        # The next request reads from next_frame - lookahead onwards; older frames are done.
+        keep_from = self.next_frame - self.config.lookahead
+        drop = keep_from - self.input_start
+        if drop > 0:
+            for name in STREAMS:
+                self.inputs[name] = self.inputs[name][drop:]
+            self.input_start = keep_from
+
+    def _warm_start(self, idle: Conditions | None) -> None:
+        cfg = self.config
+        zeros = torch.zeros(1, cfg.motion_dim)
+        idle = idle or Conditions(zeros, zeros, zeros)
+        for name, track in zip(STREAMS, (idle.avatar_audio, idle.user_audio, idle.user_motion), strict=True):
+            frame = _as_frames(f"idle_features.{name}", track[-1:], cfg.motion_dim)
+            self.inputs[name] = frame.expand(cfg.window, -1).clone()
+        self.frame_offset = cfg.window
+        request = self.next_request()
+        assert request is not None
+        self.accept(self.sampler.run([request], self.options.block)[0])
+
+
+def load_metadata(data: bytes) -> dict[str, str]:
+    """The JSON metadata of a safetensors blob (safetensors.torch.load drops it)."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__", {})
