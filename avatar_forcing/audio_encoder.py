@@ -166,9 +166,7 @@ class AudioEncoder(nn.Module):
                 f"wav2vec2 dir: {str(folder / 'config.json')!r} missing; expected a "
                 "transformers-format folder (config.json + model.safetensors or pytorch_model.bin)"
             )
-        wav2vec2, info = Wav2Vec2Model.from_pretrained(
-            str(folder), local_files_only=True, output_loading_info=True
-        )
+        wav2vec2, info = Wav2Vec2Model.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
         # masked_spec_embed only serves SpecAugment in training; anything else missing would stay random
         missing = sorted(k for k in info["missing_keys"] if k != "masked_spec_embed")
         mismatched = sorted(str(k) for k in info["mismatched_keys"])
@@ -179,9 +177,7 @@ class AudioEncoder(nn.Module):
             )
         unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith("lm_head."))
         if unexpected:
-            logger.warning(
-                "wav2vec2 dir %s: ignored %d unexpected keys %s", folder, len(unexpected), unexpected[:5]
-            )
+            logger.warning("wav2vec2 dir %s: ignored %d unexpected keys %s", folder, len(unexpected), unexpected[:5])
         expected = Wav2Vec2Config(**config.wav2vec2)
         got = wav2vec2.config
         for key in ("hidden_size", "num_hidden_layers", "conv_dim", "conv_kernel", "conv_stride"):
@@ -224,9 +220,7 @@ class AudioEncoder(nn.Module):
             x = layer(x, attention_mask=None)
             x = x[0] if isinstance(x, tuple) else x  # transformers 4.x layers return a tuple
             hidden.append(x)
-        return AudioEncoderTrace(
-            conv_features=conv, projected_features=projected, hidden_states=tuple(hidden)
-        )
+        return AudioEncoderTrace(conv_features=conv, projected_features=projected, hidden_states=tuple(hidden))
 
     def layer_features(self, waveform: Tensor, num_frames: int, *, normalize: bool = True) -> Tensor:
         """(B, N) -> (B, num_frames, L*H): every transformer layer's output, layer-major per frame.

@@ -55,14 +55,15 @@ class BlockRequest:
     cache: FlowCache | None = None  # 3 guidance rows
     guidance: GuidanceScales = field(default_factory=GuidanceScales)
     nfe: int = 10
+    block: int | None = None  # the session's block size (the mask's block structure); None: the config's
 
     @property
     def num_tokens(self) -> int:
         return self.noise.shape[0] + (0 if self.context is None else self.context.shape[0])
 
-    def batch_key(self) -> tuple[int, bool, int, int]:
+    def batch_key(self) -> tuple[int, bool, int, int, int | None]:
         cache_len = -1 if self.cache is None else self.cache.self_positions.shape[1]
-        return (self.num_tokens, self.cache is not None, cache_len, self.nfe)
+        return (self.num_tokens, self.cache is not None, cache_len, self.nfe, self.block)
 
 
 @dataclass
@@ -95,18 +96,37 @@ class BlockSampler:
         for i, request in enumerate(requests):
             groups.setdefault(request.batch_key(), []).append(i)
         for indices in groups.values():
-            for i, result in zip(indices, self._run_group([requests[i] for i in indices], block), strict=True):
+            group = [requests[i] for i in indices]
+            group_block = group[0].block if group[0].block is not None else block
+            for i, result in zip(indices, self._run_group(group, group_block), strict=True):
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def _run_group(self, requests: list[BlockRequest], block: int | None) -> list[BlockResult]:
-        model, cfg = self.model, self.model.config
+    @torch.no_grad()
+    def replay(
+        self,
+        conditions: Conditions,
+        tokens: Tensor,
+        start_frame: int,
+        reference_motion: Tensor,
+        cache: FlowCache | None,
+        block: int | None = None,
+    ) -> FlowCache:
+        """The cache after a block whose final tokens are known: only the cache-writing call.
+
+        Used to rebuild a session's cache from its history on another replica, and to keep the
+        cache rolling when a late block is dropped. Costs one forward pass instead of NFE.
+        """
+        request = BlockRequest(conditions, reference_motion, tokens, start_frame, cache=cache)
+        batch = self._prepare([request])
+        x = tokens[None].to(batch.device, batch.dtype)
+        return self._write_cache(x, batch, block)[0]
+
+    def _prepare(self, requests: list[BlockRequest]) -> _Batch:
+        model = self.model
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        n = len(requests)
         L = requests[0].num_tokens
-        R = GUIDANCE_ROWS * n
-
         # Conditions and their cross-attention K/V are fixed for the whole block: compute once.
         rows = [r.conditions.guidance_rows() for r in requests]
         avatar, user_audio, user_motion = (torch.cat([row[k] for row in rows]).to(device, dtype) for k in range(3))
@@ -115,11 +135,50 @@ class BlockSampler:
             [torch.arange(r.start_frame, r.start_frame + L, device=device) for r in requests]
         ).repeat_interleave(GUIDANCE_ROWS, dim=0)  # (R, L)
         reference = torch.stack([r.reference_motion for r in requests]).to(device, dtype)
-        reference = reference.repeat_interleave(GUIDANCE_ROWS, dim=0)  # (R, 512)
         cache = None if requests[0].cache is None else FlowCache.concat([r.cache for r in requests]).to(device)
+        return _Batch(
+            device,
+            dtype,
+            len(requests),
+            L,
+            cond_kv,
+            positions,
+            reference.repeat_interleave(GUIDANCE_ROWS, dim=0),
+            cache,
+        )
 
+    def _write_cache(self, x: Tensor, batch: _Batch, block: int | None) -> list[FlowCache]:
+        """One call at t = 0 on the final tokens x (n, L, 512); its K/V roll into the cache."""
+        cfg = self.model.config
+        R = GUIDANCE_ROWS * batch.n
+        out = self.model(
+            x.repeat_interleave(GUIDANCE_ROWS, dim=0),
+            torch.zeros(R, batch.L, device=batch.device),
+            batch.reference,
+            batch.positions,
+            batch.cond_kv,
+            batch.positions,
+            batch.cache,
+            block,
+        )
+        new_cache = roll_cache(
+            batch.cache,
+            out.self_kv,
+            batch.cond_kv,
+            batch.positions,
+            batch.positions,
+            self_len=cfg.window - (block or cfg.block) - cfg.lookahead,
+            lookahead=cfg.lookahead,
+            cross_len=cfg.cross_window,
+        )
+        return new_cache.split([GUIDANCE_ROWS] * batch.n)
+
+    def _run_group(self, requests: list[BlockRequest], block: int | None) -> list[BlockResult]:
+        batch = self._prepare(requests)
+        n, L, device = batch.n, batch.L, batch.device
+        R = GUIDANCE_ROWS * n
         x = torch.stack([r.noise if r.context is None else torch.cat([r.context, r.noise]) for r in requests]).to(
-            device, dtype
+            device, batch.dtype
         )  # (n, L, 512)
         num_context = L - requests[0].noise.shape[0]
         is_new = torch.arange(L, device=device) >= num_context  # (L,)
@@ -131,14 +190,14 @@ class BlockSampler:
             steps.append((timesteps[-1], timesteps[-1]))  # t = 0 -> 0: the identity update
         for t_now, t_next in steps:
             t_tokens = torch.where(is_new, t_now, 0.0).expand(R, L).to(device)
-            out = model(
+            out = self.model(
                 x.repeat_interleave(GUIDANCE_ROWS, dim=0),
                 t_tokens,
-                reference,
-                positions,
-                cond_kv,
-                positions,
-                cache,
+                batch.reference,
+                batch.positions,
+                batch.cond_kv,
+                batch.positions,
+                batch.cache,
                 block,
             )
             velocity = out.velocity.view(n, GUIDANCE_ROWS, L, -1)
@@ -148,28 +207,21 @@ class BlockSampler:
             x = self.sampler.step(x, guided, sigma_now.to(device), sigma_next.to(device))
             if self.on_step is not None:
                 self.on_step(x)
-        # The list's last call (t = 0) leaves x unchanged and the cache-writing call below sees
-        # exactly the same inputs, so by default only the latter runs.
-
-        out = model(
-            x.repeat_interleave(GUIDANCE_ROWS, dim=0),
-            torch.zeros(R, L, device=device),
-            reference,
-            positions,
-            cond_kv,
-            positions,
-            cache,
-            block,
-        )
-        new_cache = roll_cache(
-            cache,
-            out.self_kv,
-            cond_kv,
-            positions,
-            positions,
-            self_len=cfg.window - (block or cfg.block) - cfg.lookahead,
-            lookahead=cfg.lookahead,
-            cross_len=cfg.cross_window,
-        )
-        caches = new_cache.split([GUIDANCE_ROWS] * n)
+        # The list's last call (t = 0) leaves x unchanged and the cache-writing call sees exactly
+        # the same inputs, so by default only the latter runs.
+        caches = self._write_cache(x, batch, block)
         return [BlockResult(latents=x[i, num_context:], tokens=x[i], cache=caches[i]) for i in range(n)]
+
+
+@dataclass
+class _Batch:
+    """What a group of same-shape requests shares across the steps of a block."""
+
+    device: torch.device
+    dtype: torch.dtype
+    n: int
+    L: int
+    cond_kv: list
+    positions: Tensor  # (R, L)
+    reference: Tensor  # (R, 512)
+    cache: FlowCache | None

@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("bench", "avatar_forcing.bench", "per-block generation cost against the machine's matmul rate"),
         ("audio-drift", "avatar_forcing.audio_drift", "streaming audio features vs whole-clip features"),
+        ("resume-drift", "avatar_forcing.resume_drift", "a session rebuilt from its history vs uninterrupted"),
         ("serve", "services.launcher", "start Ray, Redis and the services locally; print the gRPC endpoint"),
         ("client", "services.client.cli", "stream a portrait + audio + user video through a server"),
     ):

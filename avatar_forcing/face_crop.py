@@ -282,3 +282,43 @@ class FaceCropper:
             match = self._match(boxes, previous_box)
             box = previous_box if match is None else previous_box.toward(match, self.stream_weight)
         return self.crop(frame, box), box
+
+
+class FaceTrack:
+    """Streaming face crops of one camera: detect every `detect_every` frames, follow the box between.
+
+    Detection is the expensive part (tens of ms per frame on a CPU core); a head moves little
+    in 1/5 s, so the box found on one frame serves the next few. Shared by the in-process live
+    session and the session ingress so both crop identically.
+    """
+
+    def __init__(self, cropper: FaceCropper, detect_every: int = 5) -> None:
+        if detect_every < 1:
+            raise ValueError(f"detect_every: expected >= 1, got {detect_every}")
+        self.cropper = cropper
+        self.detect_every = detect_every
+        self.box: FaceBox | None = None
+        self.frames_seen = 0
+
+    def crops(self, frames: np.ndarray, source: str = "camera") -> np.ndarray:
+        """(n, H, W, 3) uint8 frames -> (n, size, size, 3) crops; NoFaceError until a face is found."""
+        out = []
+        for frame in frames:
+            label = f"{source} frame {self.frames_seen}"
+            if self.box is None or self.frames_seen % self.detect_every == 0:
+                crop, self.box = self.cropper.crop_frame(frame, self.box, source=label)
+            else:
+                _check_frame("frame", frame)
+                crop = self.cropper.crop(frame, self.box)
+            out.append(crop)
+            self.frames_seen += 1
+        size = self.cropper.size
+        return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+    def state(self) -> list[float]:
+        box = [] if self.box is None else [self.box.cx, self.box.cy, self.box.side]
+        return [float(self.frames_seen), *box]
+
+    def load_state(self, state: list[float]) -> None:
+        self.frames_seen = int(state[0])
+        self.box = FaceBox(*state[1:]) if len(state) == 4 else None

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from avatar_forcing.block_sampler import BlockRequest, BlockResult, BlockSampler, Conditions
+from avatar_forcing.history import HistoryBlock, replay_history
 from avatar_forcing.kv_cache import FlowCache
 from avatar_forcing.offline import pad_frames
 from avatar_forcing.sampling import GuidanceScales
@@ -99,6 +100,8 @@ class MotionStream:
         self.context: Tensor | None = None
         self.cache: FlowCache | None = None
         self.total_frames: int | None = None  # set by finish(): session frames of input
+        self._in_flight: BlockRequest | None = None
+        self.last_history: HistoryBlock | None = None  # the latest block, for the session history
         if self.options.warm_start:
             self._warm_start(idle_features)
 
@@ -141,7 +144,7 @@ class MotionStream:
             return None
         conditions = Conditions(*(self._frames(name, start, stop) for name in STREAMS))
         new = cfg.window if first else opts.block
-        return BlockRequest(
+        self._in_flight = BlockRequest(
             conditions,
             self.reference_motion,
             torch.randn((new, cfg.motion_dim), generator=self.generator),
@@ -150,10 +153,23 @@ class MotionStream:
             cache=self.cache,
             guidance=opts.guidance,
             nfe=nfe or opts.nfe,
+            block=opts.block,
         )
+        return self._in_flight
 
     def accept(self, result: BlockResult) -> MotionBlock | None:
         """Advance the state with a finished request; returns the frames due for output."""
+        request = self._in_flight
+        if request is None:
+            raise ValueError("accept: no request in flight; call next_request() first")
+        self._in_flight = None
+        c = request.conditions
+        self.last_history = HistoryBlock(
+            request.start_frame,
+            result.tokens.detach().float().cpu().clone(),
+            torch.stack([c.avatar_audio, c.user_audio, c.user_motion], dim=1).float().cpu(),
+            self.generator.get_state(),  # noise for this block was drawn in next_request
+        )
         first_frame = self.next_frame
         self.context = result.tokens[-self.config.lookahead :].detach().float().cpu().clone()
         self.cache = result.cache
@@ -168,6 +184,23 @@ class MotionStream:
             return None
         return MotionBlock(first_frame + keep_from - self.frame_offset, latents[keep_from:keep_to])
 
+    def hold_block(self) -> MotionBlock | None:
+        """Drop the next block (compute fell behind): its frames repeat the last frame.
+
+        The state stays consistent at a fraction of the cost: the held latents become the
+        block's tokens and only the cache-writing call runs (1 forward pass instead of NFE).
+        The noise of the dropped block is still drawn, so later blocks keep their noise.
+        """
+        request = self.next_request()
+        if request is None or request.context is None:
+            return None  # nothing due, or the first window (which cannot be held: no last frame)
+        held = request.context[-1:].expand(request.noise.shape[0], -1)
+        tokens = torch.cat([request.context, held])
+        cache = self.sampler.replay(
+            request.conditions, tokens, request.start_frame, self.reference_motion, self.cache, self.options.block
+        )
+        return self.accept(BlockResult(latents=held, tokens=tokens, cache=cache))
+
     def pull(self, nfe: int | None = None) -> list[MotionBlock]:
         """Generate every block whose inputs are complete."""
         blocks = []
@@ -176,6 +209,11 @@ class MotionStream:
             if block is not None:
                 blocks.append(block)
         return blocks
+
+    @property
+    def next_input_frame(self) -> int:
+        """Session frame index of the next input frame that every stream still lacks."""
+        return min(self._available(name) for name in STREAMS) - self.frame_offset
 
     @property
     def frames_emitted(self) -> int:
@@ -229,9 +267,38 @@ class MotionStream:
         stream.input_start = meta["input_start"]
         stream.total_frames = meta["total_frames"]
         stream.inputs = {name: tensors[f"input.{name}"] for name in STREAMS}
+        stream._in_flight = None
+        stream.last_history = None
         stream.context = tensors.get("context")
         has_cache = "cache.self_positions" in tensors
         stream.cache = FlowCache.from_tensors(tensors, stream.config.depth, "cache.") if has_cache else None
+        return stream
+
+    @classmethod
+    def rebuild(
+        cls,
+        block_sampler: BlockSampler,
+        reference_motion: Tensor,
+        options: StreamOptions,
+        history: list[HistoryBlock],
+        rng_state: Tensor,
+        frame_offset: int = 0,
+    ) -> MotionStream:
+        """A stream continuing after the last history block, built on another replica.
+
+        The KV cache is replayed from `history` (see `avatar_forcing.history`); the noise RNG
+        continues from `rng_state` (saved after that block); the frame cursor follows the last
+        block. Inputs for frames from the cursor on must be pushed again by the caller.
+        """
+        cache, context, context_conditions = replay_history(block_sampler, reference_motion, history, options.block)
+        stream = cls(block_sampler, reference_motion, options)
+        stream.generator.set_state(rng_state)
+        stream.frame_offset = frame_offset
+        stream.next_frame = history[-1].end_frame
+        stream.cache = cache
+        stream.context = context.float().cpu().clone()
+        stream.input_start = stream.next_frame - context.shape[0]
+        stream.inputs = {name: context_conditions[:, i].float().cpu().clone() for i, name in enumerate(STREAMS)}
         return stream
 
     # -- internals -------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The distributed service: one package per service, shared code in `services.common`."""

@@ -1,0 +1,68 @@
+"""The Ray Serve application: four model deployments behind the session ingress.
+
+`serve run services.app:app` (or a Serve config with `import_path: services.app:app`)
+deploys it with settings from the environment; `build_app(args)` takes overrides
+(`config`, `weights`, `redis_url`, ...) for the local launcher and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from avatar_forcing.config import ModelConfig, preset
+from services.audio_features.deployment import AudioFeatures
+from services.common.config import Settings
+from services.decoder.deployment import FrameDecoder
+from services.generator.deployment import Generator
+from services.ingress.deployment import SessionIngress
+from services.motion_encoder.deployment import MotionEncoder
+
+ARG_TO_SETTING = {
+    "config": "model_preset",
+    "weights": "weights_dir",
+    "redis_url": "redis_url",
+    "redis_prefix": "redis_prefix",
+    "max_sessions_per_replica": "max_sessions_per_replica",
+    "history_blocks": "history_blocks",
+}
+
+
+def settings_overrides(args: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(args) - set(ARG_TO_SETTING))
+    if unknown:
+        raise ValueError(f"app args: unknown {unknown}; expected some of {sorted(ARG_TO_SETTING)}")
+    overrides = {ARG_TO_SETTING[k]: v for k, v in args.items() if v is not None}
+    if "weights_dir" in overrides:
+        overrides["weights_dir"] = Path(overrides["weights_dir"])
+    return overrides
+
+
+def image_size(settings: Settings) -> int:
+    if settings.weights_dir is not None:
+        return ModelConfig.load(Path(settings.weights_dir) / "config.json").motion_autoencoder.image_size
+    return preset(settings.model_preset).motion_autoencoder.image_size
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    overrides = settings_overrides(args or {})
+    settings = dataclasses.replace(Settings.from_env(), **overrides)
+    return SessionIngress.bind(
+        AudioFeatures.bind(overrides),
+        MotionEncoder.bind(overrides),
+        Generator.bind(overrides),
+        FrameDecoder.bind(overrides),
+        overrides,
+        image_size(settings),
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve's application-builder entry point (`import_path` with `args:` in a Serve config)."""
+    return build_app(args)
+
+
+app = build_app()

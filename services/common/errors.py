@@ -1,0 +1,244 @@
+"""Service errors and their gRPC status codes, in one place.
+
+Every error a service raises on purpose is a `ServiceError` subclass that carries its gRPC
+status code; messages name the field, the value and what was expected. Handlers map errors
+to statuses with `grpc_errors` (grpc.aio servicers) or `serve_errors` (Ray Serve gRPC
+deployments, whose context has no `abort`); clients map a failed call back with `from_rpc_error`.
+
+    ValidationError          INVALID_ARGUMENT     bad input (also: a plain ValueError from avatar_forcing)
+    UnauthenticatedError     UNAUTHENTICATED      missing or bad credentials
+    NotFoundError            NOT_FOUND            unknown session (SessionNotFoundError), avatar, ...
+    PermissionDeniedError    PERMISSION_DENIED    another tenant's resource (TenantMismatchError)
+    CapacityExceededError    RESOURCE_EXHAUSTED   replica or tenant limit reached, rate or buffer limit
+    UnavailableError         UNAVAILABLE          a backend is down (StoreUnavailable: Redis); retry later
+    ConflictError            ABORTED              lost a race (OwnershipConflictError, OwnershipLostError)
+    FailedPreconditionError  FAILED_PRECONDITION  the state does not allow it (FrameConflictError, ...)
+
+Unexpected exceptions become INTERNAL with a generic message (the traceback goes to the log,
+not to the client: request contents and secrets never leave the server in an error).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+MAX_DETAILS_CHARS = 1000  # status details travel in trailers (8 KiB metadata limit)
+
+
+class ServiceError(Exception):
+    """An error with a gRPC status code. Subclasses set `code`."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class ValidationError(ServiceError, ValueError):
+    """Bad input. `field` names the offending field (dotted path, e.g. "avatar_audio.shape")."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnauthenticatedError(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotFoundError(ServiceError, LookupError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class SessionNotFoundError(NotFoundError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session_id: no session {session_id!r} (never created, closed, or reaped)")
+        self.session_id = session_id
+
+
+class PermissionDeniedError(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class TenantMismatchError(PermissionDeniedError):
+    def __init__(self, what: str, ident: str, tenant_id: str) -> None:
+        super().__init__(f"{what}: {ident!r} does not belong to tenant {tenant_id!r}")
+
+
+class CapacityExceededError(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class StoreUnavailable(UnavailableError):  # noqa: N818 - the name the services were promised
+    """The Redis session store cannot be reached (or did not answer in time)."""
+
+
+class ConflictError(ServiceError):
+    code = grpc.StatusCode.ABORTED
+
+
+class OwnershipConflictError(ConflictError):
+    """Another live replica owns the session."""
+
+
+class OwnershipLostError(ConflictError):
+    """This replica no longer owns the session (another claimed it): stop writing, drop the cache."""
+
+
+class FailedPreconditionError(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class FrameConflictError(FailedPreconditionError):
+    """A block's first frame is not the session's frame cursor."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityExceededError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+}
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and details for an exception."""
+    if isinstance(exc, ServiceError):
+        code, message = exc.code, str(exc)
+    elif isinstance(exc, ValueError):  # avatar_forcing validates its inputs with ValueError
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    elif isinstance(exc, TimeoutError):
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "the operation timed out"
+    else:
+        code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+    if len(message) > MAX_DETAILS_CHARS:
+        message = message[: MAX_DETAILS_CHARS - 3] + "..."
+    return code, message
+
+
+def status_number(code: grpc.StatusCode) -> int:
+    """The numeric value of a status code (for `Error.code` in session.proto)."""
+    return int(code.value[0])
+
+
+def error_fields(exc: BaseException) -> tuple[int, str]:
+    """(code number, message) of an exception, for a non-fatal `pb.Error` on a stream."""
+    code, message = status_of(exc)
+    return status_number(code), message
+
+
+def _log(exc: BaseException, where: str) -> None:
+    code, message = status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s: unexpected %s", where, type(exc).__name__, exc_info=exc)
+    else:
+        log.info("%s: %s %s", where, code.name, message)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """End a grpc.aio call with the status of `exc`."""
+    code, message = status_of(exc)
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _find_context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    for value in (*kwargs.values(), *reversed(args)):
+        if hasattr(value, "set_code") and hasattr(value, "set_details"):
+            return value
+    raise TypeError("grpc_errors: the handler has no ServicerContext argument")
+
+
+def grpc_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a grpc.aio servicer method (unary or streaming): errors become gRPC statuses.
+
+    A `context.abort(...)` the handler makes itself passes through unchanged.
+    """
+    where = handler.__qualname__
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream_wrapper(*args: Any, **kwargs: Any) -> Any:
+            context = _find_context(args, kwargs)
+            try:
+                async for item in handler(*args, **kwargs):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                _log(exc, where)
+                await abort(context, exc)
+
+        return stream_wrapper
+
+    @functools.wraps(handler)
+    async def unary_wrapper(*args: Any, **kwargs: Any) -> Any:
+        context = _find_context(args, kwargs)
+        try:
+            return await handler(*args, **kwargs)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            _log(exc, where)
+            await abort(context, exc)
+
+    return unary_wrapper
+
+
+def set_status(context: Any, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Set code and details on a context without `abort` (Ray Serve's RayServegRPCContext)."""
+    code, message = status_of(exc)
+    context.set_code(code)
+    context.set_details(message)
+    return code, message
+
+
+def serve_errors(response: Callable[[], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an async Ray Serve gRPC method taking `grpc_context`: on error set the status and
+    return `response()` (an empty message of the method's response type)."""
+
+    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
+        where = handler.__qualname__
+
+        @functools.wraps(handler)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await handler(*args, **kwargs)
+            except Exception as exc:
+                _log(exc, where)
+                set_status(_find_context(args, kwargs), exc)
+                return response()
+
+        return wrapper
+
+    return decorate
+
+
+def from_rpc_error(error: grpc.RpcError) -> ServiceError:
+    """The ServiceError for a failed call (client side), keeping the server's message."""
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = (error.details() if hasattr(error, "details") else None) or str(error)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, message = details.partition(": ")
+        return ValidationError(field, message) if message else ValidationError("request", details)
+    cls = _BY_CODE.get(code)
+    if cls is not None:
+        return cls(details)
+    result = ServiceError(details)
+    result.code = code
+    return result

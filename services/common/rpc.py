@@ -1,0 +1,27 @@
+"""Calling a servicer method from a Ray Serve deployment method.
+
+Under Serve's gRPC proxy the method gets a `grpc_context`: a failure sets its status
+code and details (Serve keeps them when the exception propagates). Called through a
+deployment handle there is no context and the exception itself reaches the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.common.errors import ServiceError, set_status
+
+log = logging.getLogger(__name__)
+
+
+async def call(method: Callable[..., Awaitable[Any]], request: Any, grpc_context: Any = None) -> Any:
+    try:
+        return await method(request)
+    except Exception as exc:
+        if not isinstance(exc, ServiceError):
+            log.exception("%s failed", getattr(method, "__qualname__", method))
+        if grpc_context is not None:
+            set_status(grpc_context, exc)
+        raise

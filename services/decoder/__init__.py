@@ -1,0 +1,1 @@
+"""FrameDecoder: motion latents + an avatar's cached encoding -> RGB frames."""

@@ -1,0 +1,120 @@
+"""Ray Serve deployment of the public streaming session (`AvatarSession.Stream`).
+
+Authenticates the caller, then runs a `SessionPipeline` whose stages are handles to
+the four model deployments; generator calls carry the session id, so Serve's
+session-affinity router sends them to the replica that holds the session's cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from services.common import rpc
+from services.common.auth import tenant_from_grpc_metadata
+from services.common.config import Settings
+from services.common.errors import TenantMismatchError, set_status
+from services.common.protos import pb
+from services.common.session_store import SessionStore
+from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
+
+
+def handle_stages(
+    audio_features: DeploymentHandle,
+    motion_encoder: DeploymentHandle,
+    generator: DeploymentHandle,
+    decoder: DeploymentHandle,
+) -> Stages:
+    def method(handle: DeploymentHandle, name: str, routed: bool = False):
+        async def call(request):
+            target = handle.options(method_name=name)
+            if routed:  # pin to the replica holding the session's cache
+                target = target.options(session_id=request.session_id)
+            return await target.remote(request)
+
+        return call
+
+    return Stages(
+        extract=method(audio_features, "Extract"),
+        encode_user_motion=method(motion_encoder, "EncodeUserMotion"),
+        encode_portrait=method(motion_encoder, "EncodePortrait"),
+        open_session=method(generator, "OpenSession", routed=True),
+        generate_block=method(generator, "GenerateBlock", routed=True),
+        close_session=method(generator, "CloseSession", routed=True),
+        decode=method(decoder, "Decode"),
+    )
+
+
+@serve.deployment(name="session_ingress", max_ongoing_requests=64)
+class SessionIngress:
+    def __init__(
+        self,
+        audio_features: DeploymentHandle,
+        motion_encoder: DeploymentHandle,
+        generator: DeploymentHandle,
+        decoder: DeploymentHandle,
+        overrides: dict | None = None,
+        image_size: int = 512,
+    ) -> None:
+        self.settings = dataclasses.replace(Settings.from_env(), **(overrides or {}))
+        self.store = SessionStore.from_settings(self.settings)
+        self.stages = handle_stages(audio_features, motion_encoder, generator, decoder)
+        self.ingress_settings = IngressSettings(image_size=image_size)
+
+    async def Stream(self, request_stream, grpc_context=None) -> AsyncIterator[pb.ServerMessage]:
+        try:
+            first = await anext(request_stream)
+            token = first.start.auth_token if first.WhichOneof("message") == "start" else ""
+            metadata = grpc_context.invocation_metadata() if grpc_context is not None else []
+            tenant = tenant_from_grpc_metadata(metadata, token)
+            pipeline = SessionPipeline(self.stages, self.store, self.ingress_settings, tenant)
+            async for message in pipeline.run(_prepend(first, request_stream)):
+                yield message
+        except Exception as exc:
+            if grpc_context is not None:
+                set_status(grpc_context, exc)
+            raise
+
+    # The model services' RPCs, reachable through Serve's gRPC proxy (which dispatches every
+    # method of this application to its ingress): authenticated, scoped to the token's tenant,
+    # then forwarded to the deployment (generator calls pinned to the session's replica).
+
+    async def Extract(self, request, grpc_context=None):
+        return await self._forward(self.stages.extract, request, grpc_context)
+
+    async def EncodeUserMotion(self, request, grpc_context=None):
+        return await self._forward(self.stages.encode_user_motion, request, grpc_context)
+
+    async def EncodePortrait(self, request, grpc_context=None):
+        return await self._forward(self.stages.encode_portrait, request, grpc_context)
+
+    async def OpenSession(self, request, grpc_context=None):
+        return await self._forward(self.stages.open_session, request, grpc_context)
+
+    async def GenerateBlock(self, request, grpc_context=None):
+        return await self._forward(self.stages.generate_block, request, grpc_context)
+
+    async def CloseSession(self, request, grpc_context=None):
+        return await self._forward(self.stages.close_session, request, grpc_context)
+
+    async def Decode(self, request, grpc_context=None):
+        return await self._forward(self.stages.decode, request, grpc_context)
+
+    async def _forward(self, stage, request, grpc_context):
+        async def authorized(message):
+            if grpc_context is not None:
+                tenant = tenant_from_grpc_metadata(grpc_context.invocation_metadata())
+                if message.tenant_id != tenant:
+                    raise TenantMismatchError("tenant_id", message.tenant_id, tenant)
+            return await stage(message)
+
+        return await rpc.call(authorized, request, grpc_context)
+
+
+async def _prepend(first, rest):
+    yield first
+    async for item in rest:
+        yield item

@@ -1,0 +1,1 @@
+"""MotionEncoder: user face crops -> user motion latents; avatar portraits -> reference motion."""

@@ -1,0 +1,793 @@
+"""Deployment files, checked without a cluster, a Docker engine or a Helm binary.
+
+What is proved here:
+- every YAML file under deploy/, docker-compose.yml and the chart's YAML parse;
+- both Ray Serve configs pass Ray's own schema (the one `serve deploy` and KubeRay's
+  serveConfigV2 go through), use no key Ray would silently ignore, and, pushed through the
+  Serve controller's own override code, give each of the five deployments the stated
+  CPUs, GPU fraction, concurrency and autoscaling;
+- the RayService embeds exactly deploy/serve/config.yaml; its head does no work, its GPU
+  group asks for whole GPUs, and the worker groups can hold every Serve replica at max scale;
+- the Helm values validate against values.schema.json, invalid values are rejected, the
+  chart's Serve values equal deploy/serve/config.yaml, and every `.Values.x.y` a template
+  reads exists in values.yaml (and every value is read by some template);
+- plain manifests: selectors match pod labels, Services point at named ports that exist,
+  referenced ConfigMaps exist, Redis is durable (AOF + PVC), kustomization lists every file;
+- docker-compose.yml: every service has an image or build and a healthcheck, dependencies
+  exist; Dockerfiles are multi-stage, non-root, pinned, with a HEALTHCHECK and no weights.
+
+Optional, when the tool is installed (skipped otherwise; the checks above always run):
+`docker compose config -q` and offline rendering of the chart with helm-python-sdk.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+# Ray's own pydantic models warn about deprecated Field arguments on import; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+SERVE_CONFIG = DEPLOY / "serve" / "config.yaml"
+SERVE_CONFIG_CPU = DEPLOY / "serve" / "config.cpu.yaml"
+RAYSERVICE = DEPLOY / "kuberay" / "rayservice.yaml"
+K8S = DEPLOY / "k8s"
+OTEL = DEPLOY / "otel"
+COMPOSE = ROOT / "docker-compose.yml"
+CHART = ROOT / "helm" / "avatar-forcing"
+
+DEPLOYMENTS = ("session_ingress", "audio_features", "motion_encoder", "generator", "decoder")
+# The resources the deployments are sized with (GPU fractions of one GPU, CPUs per replica).
+GPU_FRACTIONS = {"session_ingress": 0.0, "audio_features": 0.125, "motion_encoder": 0.125, "generator": 0.5,
+                 "decoder": 0.25}  # fmt: skip
+GPU_CPUS = {"session_ingress": 1, "audio_features": 1, "motion_encoder": 1, "generator": 2, "decoder": 1}
+SERVICERS = {  # proto module -> service, as in protos/avatar_forcing/v1/*.proto
+    "audio_features": "AudioFeatures",
+    "motion_encoder": "MotionEncoder",
+    "generator": "MotionGenerator",
+    "decoder": "FrameDecoder",
+    "session": "AvatarSession",
+}
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def load_all(path: Path) -> list:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def deployments_by_name(serve_config: dict) -> dict[str, dict]:
+    (app,) = serve_config["applications"]
+    return {d["name"]: d for d in app["deployments"]}
+
+
+def quantity(value) -> float:
+    """Kubernetes quantity -> number (CPUs, or bytes for memory)."""
+    if isinstance(value, int | float):
+        return float(value)
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
+    assert match, f"not a quantity: {value!r}"
+    return float(match.group(1)) * units.get(match.group(2), 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Every YAML file parses
+
+
+def yaml_files() -> list[Path]:
+    files = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+    files += [COMPOSE, CHART / "Chart.yaml", CHART / "values.yaml", *sorted((CHART / "files").glob("*.yaml"))]
+    return files
+
+
+def test_yaml_files_exist():
+    names = {p.relative_to(ROOT).as_posix() for p in yaml_files()}
+    for required in ("deploy/serve/config.yaml", "deploy/serve/config.cpu.yaml", "deploy/kuberay/rayservice.yaml",
+                     "deploy/otel/collector.yaml", "docker-compose.yml"):  # fmt: skip
+        assert required in names
+    assert len(list(K8S.glob("*.yaml"))) >= 8
+
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_yaml_parses(path):
+    docs = load_all(path)
+    assert docs, f"{path} has no YAML document"
+    for doc in docs:
+        assert isinstance(doc, dict), f"{path}: a document is a {type(doc).__name__}, expected a mapping"
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Serve config: Ray's schema, no ignored keys, the controller's view of the resources
+
+
+@pytest.fixture(scope="module")
+def serve_schema():
+    from ray.serve import schema
+
+    return schema
+
+
+@pytest.mark.parametrize("path", [SERVE_CONFIG, SERVE_CONFIG_CPU], ids=lambda p: p.name)
+def test_serve_config_validates_with_ray_schema(serve_schema, path):
+    config = serve_schema.ServeDeploySchema.model_validate(load(path))
+    (app,) = config.applications
+    assert app.import_path == "services.app:app"
+    assert app.route_prefix == "/"
+    assert sorted(app.deployment_names) == sorted(DEPLOYMENTS)
+    assert config.grpc_options.port == 9000
+    assert config.http_options.port == 8000
+    assert config.http_options.host == "0.0.0.0"
+    expected = {
+        f"services._generated.avatar_forcing.v1.{module}_pb2_grpc.add_{service}Servicer_to_server"
+        for module, service in SERVICERS.items()
+    }
+    assert set(config.grpc_options.grpc_servicer_functions) == expected
+    for d in app.deployments:
+        assert d.ray_actor_options.num_cpus is not None, f"{d.name}: num_cpus unset"
+        assert d.ray_actor_options.num_gpus is not None, f"{d.name}: num_gpus unset"
+        assert d.graceful_shutdown_timeout_s > 0, f"{d.name}: graceful_shutdown_timeout_s unset"
+        assert d.health_check_period_s > 0 and d.health_check_timeout_s > 0, f"{d.name}: health checks unset"
+        assert d.max_ongoing_requests > 0, f"{d.name}: max_ongoing_requests unset"
+        # Nothing is fetched at run time: no working_dir / pip / py_modules.
+        assert not set(d.ray_actor_options.runtime_env) & {"working_dir", "pip", "py_modules", "conda", "uv"}
+    assert not set(app.runtime_env) - {"env_vars"}, "the app runtime_env may only set env_vars"
+
+
+def _unknown_keys(data: dict, model, where: str) -> list[str]:
+    """Keys Ray would accept and ignore (its top-level models allow extras), recursively."""
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import (
+        DeploymentSchema,
+        HTTPOptionsSchema,
+        LoggingConfig,
+        RayActorOptionsSchema,
+        ServeApplicationSchema,
+        gRPCOptionsSchema,
+    )
+
+    nested = {
+        "http_options": HTTPOptionsSchema,
+        "grpc_options": gRPCOptionsSchema,
+        "logging_config": LoggingConfig,
+        "applications": ServeApplicationSchema,
+        "deployments": DeploymentSchema,
+        "ray_actor_options": RayActorOptionsSchema,
+        "autoscaling_config": AutoscalingConfig,
+    }
+    fields = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    unknown = [f"{where}.{key}" for key in data if key not in fields]
+    for key, value in data.items():
+        if key in nested and key in fields:
+            for i, item in enumerate(value if isinstance(value, list) else [value]):
+                unknown += _unknown_keys(item, nested[key], f"{where}.{key}[{i}]")
+    return unknown
+
+
+@pytest.mark.parametrize("path", [SERVE_CONFIG, SERVE_CONFIG_CPU], ids=lambda p: p.name)
+def test_serve_config_has_no_ignored_keys(serve_schema, path):
+    assert _unknown_keys(load(path), serve_schema.ServeDeploySchema, path.name) == []
+
+
+def controller_view(serve_config: dict) -> dict:
+    """The deployment infos the Serve controller derives from this config (its own override code,
+    applied to stub deployments of the same names), without starting Ray."""
+    import ray
+    from ray import serve
+    from ray.serve._private.application_state import override_deployment_info
+    from ray.serve._private.build_app import build_app
+    from ray.serve._private.deployment_info import DeploymentInfo
+    from ray.serve.schema import ServeDeploySchema
+
+    @serve.deployment
+    class Stub:
+        def __call__(self):
+            return None
+
+    infos = {}
+    for name in DEPLOYMENTS:
+        (built,) = build_app(Stub.options(name=name).bind(), name=name).deployments
+        infos[name] = DeploymentInfo(
+            deployment_config=built._deployment_config,
+            replica_config=built._replica_config,
+            start_time_ms=0,
+            deployer_job_id="01000000",
+        )
+    (app,) = ServeDeploySchema.model_validate(serve_config).applications
+    result = override_deployment_info(infos, app)
+    assert not ray.is_initialized(), "checking the config must not start Ray"
+    return result
+
+
+def test_gpu_serve_config_resources_as_applied_by_the_controller():
+    infos = controller_view(load(SERVE_CONFIG))
+    for name in DEPLOYMENTS:
+        info = infos[name]
+        resources = info.replica_config.resource_dict
+        assert resources["GPU"] == GPU_FRACTIONS[name], f"{name}: GPU {resources['GPU']}"
+        assert resources["CPU"] == GPU_CPUS[name], f"{name}: CPU {resources['CPU']}"
+        autoscaling = info.deployment_config.autoscaling_config
+        assert autoscaling is not None, f"{name}: no autoscaling"
+        assert 1 <= autoscaling.min_replicas <= autoscaling.max_replicas
+        assert autoscaling.target_ongoing_requests <= info.deployment_config.max_ongoing_requests
+    # Stages behind the ingress have a bounded queue: late blocks fail fast instead of piling up.
+    for name in ("audio_features", "motion_encoder", "generator", "decoder"):
+        assert infos[name].deployment_config.max_queued_requests > 0, f"{name}: unbounded queue"
+    # One replica of each GPU stage fills exactly one GPU.
+    assert sum(GPU_FRACTIONS.values()) == 1.0
+
+
+def test_cpu_serve_config_runs_tiny_without_gpus():
+    config = load(SERVE_CONFIG_CPU)
+    infos = controller_view(config)
+    for name in DEPLOYMENTS:
+        assert infos[name].replica_config.resource_dict["GPU"] == 0, f"{name} asks for a GPU"
+        assert infos[name].deployment_config.num_replicas == 1
+        assert infos[name].deployment_config.autoscaling_config is None
+        env = infos[name].replica_config.ray_actor_options["runtime_env"]["env_vars"]
+        assert env["AVATAR_FORCING_CONFIG"] == "tiny" and env["AF_MODEL_PRESET"] == "tiny"
+    # Same application shape as the GPU config: only sizes differ.
+    gpu = load(SERVE_CONFIG)
+    for key in ("proxy_location", "http_options", "grpc_options"):
+        assert config[key] == gpu[key], key
+
+
+def test_grpc_servicer_functions_match_the_protos():
+    proto_dir = ROOT / "protos" / "avatar_forcing" / "v1"
+    if not list(proto_dir.glob("*.proto")):
+        pytest.skip("protos/avatar_forcing/v1 has no .proto yet")
+    for module, service in SERVICERS.items():
+        proto = proto_dir / f"{module}.proto"
+        assert proto.exists(), f"grpc_servicer_functions names {module}_pb2_grpc but {proto} is missing"
+        assert re.search(rf"^service {service} \{{", proto.read_text(), re.MULTILINE), f"{proto}: no service {service}"
+
+
+# --------------------------------------------------------------------------------------------
+# KubeRay RayService
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict:
+    (doc,) = load_all(RAYSERVICE)
+    return doc
+
+
+def _groups(rayservice: dict) -> dict[str, dict]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    return {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+
+
+def _container(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]
+
+
+def test_rayservice_embeds_the_serve_config(serve_schema, rayservice):
+    assert rayservice["apiVersion"] == "ray.io/v1" and rayservice["kind"] == "RayService"
+    embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+    serve_schema.ServeDeploySchema.model_validate(embedded)
+    assert embedded == load(SERVE_CONFIG), "serveConfigV2 must be deploy/serve/config.yaml verbatim"
+
+
+def test_rayservice_cluster_shape(rayservice):
+    import ray
+
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__, "rayVersion must match the installed ray[serve]"
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0", "the head must not host replicas"
+    head_container = head["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head_container["resources"].get("limits", {})
+    ports = {p["name"]: p["containerPort"] for p in head_container["ports"]}
+    assert ports["grpc"] == 9000 and ports["serve"] == 8000 and ports["dashboard"] == 8265
+    groups = _groups(rayservice)
+    assert set(groups) == {"cpu", "gpu"}
+    assert "nvidia.com/gpu" not in _container(groups["cpu"])["resources"].get("limits", {})
+    gpu = groups["gpu"]
+    gpu_container = _container(gpu)
+    assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert gpu["template"]["spec"]["nodeSelector"], "GPU workers need a GPU node selector"
+    assert any(t["key"] == "nvidia.com/gpu" for t in gpu["template"]["spec"]["tolerations"])
+    for group in (head, *groups.values()):
+        assert group["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        env_from = _container(group)["envFrom"]
+        assert {"name": "avatar-forcing-config"} in [e.get("configMapRef") for e in env_from]
+        assert group["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "ray"
+    for name, group in groups.items():
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+    # Weights: read-only from a volume on the GPU workers, never baked in or downloaded.
+    mounts = {m["name"]: m for m in gpu_container["volumeMounts"]}
+    assert mounts["weights"]["readOnly"] is True
+    volumes = {v["name"]: v for v in gpu["template"]["spec"]["volumes"]}
+    assert volumes["weights"]["persistentVolumeClaim"]["readOnly"] is True
+    # Replicas get to finish their graceful shutdown before the pod is killed.
+    generator = deployments_by_name(load(SERVE_CONFIG))["generator"]
+    assert gpu["template"]["spec"]["terminationGracePeriodSeconds"] > generator["graceful_shutdown_timeout_s"]
+
+
+def check_capacity(deployments: dict, cpu_group: dict | None, gpu_group: dict, gpus_per_pod: int) -> None:
+    """Every Serve replica at max scale fits in the worker groups at max scale, and the minimum
+    set fits in the minimum pods. (Replicas beyond that would sit pending forever.)"""
+
+    def demand(key: str, resource: str, which: list[str]) -> float:
+        return sum(
+            d["autoscaling_config"][key] * d["ray_actor_options"][resource]
+            for name, d in deployments.items()
+            if name in which
+        )
+
+    gpu_stages = [n for n, d in deployments.items() if d["ray_actor_options"]["num_gpus"] > 0]
+    cpu_stages = [n for n in deployments if n not in gpu_stages]
+    gpu_cpus = quantity(gpu_group["cpus"])
+    assert demand("max_replicas", "num_gpus", gpu_stages) <= gpu_group["maxReplicas"] * gpus_per_pod
+    assert demand("min_replicas", "num_gpus", gpu_stages) <= max(gpu_group["minReplicas"], 1) * gpus_per_pod
+    assert demand("max_replicas", "num_cpus", gpu_stages) <= gpu_group["maxReplicas"] * gpu_cpus
+    one_of_each_gpu = sum(deployments[n]["ray_actor_options"]["num_gpus"] for n in gpu_stages)
+    assert one_of_each_gpu <= gpus_per_pod, "one replica of every GPU stage must fit on one GPU pod"
+    if cpu_group is not None:
+        cpu_capacity = cpu_group["maxReplicas"] * quantity(cpu_group["cpus"])
+        assert demand("max_replicas", "num_cpus", cpu_stages) <= cpu_capacity
+
+
+def test_rayservice_worker_groups_hold_every_replica_at_max_scale(rayservice):
+    groups = _groups(rayservice)
+
+    def group(name: str) -> dict:
+        limits = _container(groups[name])["resources"]["limits"]
+        return {**groups[name], "cpus": limits["cpu"]}
+
+    gpus = _container(groups["gpu"])["resources"]["limits"]["nvidia.com/gpu"]
+    check_capacity(deployments_by_name(load(SERVE_CONFIG)), group("cpu"), group("gpu"), gpus)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain Kubernetes manifests
+
+
+@pytest.fixture(scope="module")
+def k8s_objects() -> list[dict]:
+    objects = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        objects += load_all(path)
+    return objects
+
+
+def _pod_templates(objects: list[dict]) -> list[tuple[str, dict]]:
+    return [
+        (o["metadata"]["name"], o["spec"]["template"]) for o in objects if o["kind"] in ("Deployment", "StatefulSet")
+    ]
+
+
+def _ray_pod_templates() -> list[dict]:
+    (rs,) = load_all(RAYSERVICE)
+    cluster = rs["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+def test_k8s_objects_are_well_formed(k8s_objects):
+    for obj in k8s_objects:
+        assert obj.get("apiVersion") and obj.get("kind"), obj
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"]), obj["metadata"]["name"]
+        assert "namespace" not in obj["metadata"] or obj["kind"] == "Namespace", "namespaces come from kustomize"
+    for name, template in _pod_templates(k8s_objects):
+        owner = next(o for o in k8s_objects if o["metadata"]["name"] == name and "template" in o.get("spec", {}))
+        selector = owner["spec"]["selector"]["matchLabels"]
+        labels = template["metadata"]["labels"]
+        assert selector.items() <= labels.items(), f"{name}: selector {selector} does not match its pods"
+        spec = template["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True, f"{name} runs as root"
+        for container in spec["containers"]:
+            assert container["image"] and ":" in container["image"], f"{name}: unpinned image"
+            assert container["resources"]["requests"] and container["resources"]["limits"], f"{name}: resources"
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_k8s_services_select_pods_with_the_named_ports(k8s_objects):
+    pods = [t for _, t in _pod_templates(k8s_objects)] + _ray_pod_templates()
+    for svc in (o for o in k8s_objects if o["kind"] == "Service"):
+        selector = {k: v for k, v in svc["spec"]["selector"].items() if k != "ray.io/serve"}  # set by KubeRay
+        matched = [t for t in pods if selector.items() <= t["metadata"]["labels"].items()]
+        assert matched, f"Service {svc['metadata']['name']} selects no pod"
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            for template in matched:
+                container_ports = [p for c in template["spec"]["containers"] for p in c.get("ports", [])]
+                if isinstance(target, str):
+                    assert target in {p.get("name") for p in container_ports}, f"{svc['metadata']['name']}: {target}"
+                else:
+                    assert target in {p["containerPort"] for p in container_ports}, f"{svc['metadata']['name']}"
+
+
+def test_k8s_config_references_exist(k8s_objects):
+    configmaps = {o["metadata"]["name"] for o in k8s_objects if o["kind"] == "ConfigMap"}
+    claims = {o["metadata"]["name"] for o in k8s_objects if o["kind"] == "PersistentVolumeClaim"}
+    example_secrets = {o["metadata"]["name"] for o in load_all(K8S / "secret.example.yaml")}
+    templates = [t for _, t in _pod_templates(k8s_objects)] + _ray_pod_templates()
+    for template in templates:
+        spec = template["spec"]
+        for container in spec["containers"]:
+            for source in container.get("envFrom", []):
+                if "configMapRef" in source:
+                    assert source["configMapRef"]["name"] in configmaps
+                if "secretRef" in source:
+                    assert source["secretRef"]["name"] in example_secrets, "every Secret has a template"
+        for volume in spec.get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims
+    for secret in load_all(K8S / "secret.example.yaml"):
+        for key, value in secret["stringData"].items():
+            assert "REPLACE-ME" in value, f"secret.example.yaml {key}: only placeholders belong here"
+    # The bridge and gateway reach Serve through the gRPC Service the ConfigMap names.
+    config = next(o for o in k8s_objects if o["metadata"]["name"] == "avatar-forcing-config")["data"]
+    host, port = config["AVATAR_GRPC_TARGET"].split(":")
+    grpc_svc = next(o for o in k8s_objects if o["kind"] == "Service" and o["metadata"]["name"] == host)
+    assert int(port) in {p["port"] for p in grpc_svc["spec"]["ports"]}
+    for name in ("REDIS_URL", "OTEL_EXPORTER_OTLP_ENDPOINT", "LOG_LEVEL"):
+        assert config[name]
+    assert config["AVATAR_FORCING_WEIGHTS"] == config["AF_WEIGHTS_DIR"] == "/weights"
+    assert config["AVATAR_FORCING_CONFIG"] == config["AF_MODEL_PRESET"] == "paper"
+
+
+def test_kustomization_lists_every_manifest():
+    kustomization = load(K8S / "kustomization.yaml")
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert listed == present
+
+
+def test_redis_is_durable(k8s_objects):
+    conf = next(o for o in k8s_objects if o["metadata"]["name"] == "avatar-forcing-redis-config")["data"]["redis.conf"]
+    settings = dict(line.split("#")[0].split(None, 1) for line in conf.splitlines() if line.split("#")[0].strip())
+    assert settings["appendonly"].strip() == "yes"
+    assert settings["appendfsync"].strip() in ("always", "everysec")
+    assert settings["maxmemory-policy"].strip() == "noeviction"
+    redis = next(o for o in k8s_objects if o["kind"] == "StatefulSet")
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    mounts = {m["name"]: m["mountPath"] for m in redis["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["data"] == settings["dir"].strip()
+    compose_redis = load(COMPOSE)["services"]["redis"]
+    command = compose_redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(v.endswith(":/data") for v in compose_redis["volumes"])
+
+
+def test_network_policies_select_existing_pods(k8s_objects):
+    pods = [t["metadata"]["labels"] for _, t in _pod_templates(k8s_objects)]
+    pods += [t["metadata"]["labels"] for t in _ray_pod_templates()]
+    policies = [o for o in k8s_objects if o["kind"] == "NetworkPolicy"]
+    assert {"avatar-forcing-redis", "avatar-forcing-ray"} <= {p["metadata"]["name"] for p in policies}
+    for policy in policies:
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        assert any(selector.items() <= labels.items() for labels in pods), policy["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------------------------
+# OpenTelemetry collector
+
+
+def test_otel_collector_pipelines():
+    config = load(OTEL / "collector.yaml")
+    service = config["service"]
+    assert "otlp" in config["receivers"] and {"grpc", "http"} <= set(config["receivers"]["otlp"]["protocols"])
+    assert "batch" in config["processors"]
+    assert {"debug", "otlp", "prometheus"} <= set(config["exporters"])
+    assert config["exporters"]["prometheus"]["endpoint"].endswith(":8889")
+    overlay = load(OTEL / "collector.forward.yaml")
+    for cfg in (
+        config,
+        {**config, "service": {**service, "pipelines": {**service["pipelines"], **overlay["service"]["pipelines"]}}},
+    ):
+        for name, pipeline in cfg["service"]["pipelines"].items():
+            assert "batch" in pipeline["processors"], name
+            for kind in ("receivers", "processors", "exporters"):
+                for component in pipeline[kind]:
+                    assert component in config[kind], f"{name}: {kind} {component} is not defined"
+    assert "prometheus" in service["pipelines"]["metrics"]["exporters"]
+    assert "debug" in service["pipelines"]["traces"]["exporters"]
+    assert "otlp" in overlay["service"]["pipelines"]["traces"]["exporters"]
+
+
+def test_otel_collector_config_has_one_home():
+    config = load(OTEL / "collector.yaml")
+    configmap = next(o for o in load_all(K8S / "otel-collector.yaml") if o["kind"] == "ConfigMap")
+    assert yaml.safe_load(configmap["data"]["collector.yaml"]) == config
+    assert (CHART / "files" / "otel-collector.yaml").read_text() == (OTEL / "collector.yaml").read_text()
+    assert (CHART / "files" / "otel-collector.forward.yaml").read_text() == (
+        OTEL / "collector.forward.yaml"
+    ).read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# docker compose and Dockerfiles
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load(COMPOSE)
+
+
+def test_compose_services(compose):
+    services = compose["services"]
+    assert set(services) == {"redis", "ray-head", "gateway", "bridge", "otel-collector"}
+    for name, service in services.items():
+        assert "image" in service or "build" in service, f"{name}: no image or build"
+        test = service.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name}: no healthcheck"
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+        for volume in service.get("volumes", []):
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            if not source.startswith((".", "/", "$")):
+                assert source in compose.get("volumes", {}), f"{name}: undeclared volume {source}"
+            elif isinstance(volume, str) and source.startswith("."):
+                assert (ROOT / source).exists(), f"{name}: {source} is missing"
+    assert services["bridge"]["profiles"] == ["livekit"], "the bridge is optional"
+    ray_head = services["ray-head"]
+    command = " ".join(ray_head["command"])
+    assert "serve run" in command and "deploy/serve/config.cpu.yaml" in command
+    assert {"9000:9000", "8000:8000"} <= set(ray_head["ports"])
+    assert "8080:8080" in services["gateway"]["ports"]
+    for name in ("ray-head", "gateway", "bridge"):
+        env = services[name]["environment"]
+        assert env["AF_MODEL_PRESET"] == env["AVATAR_FORCING_CONFIG"] == "tiny"
+        assert env["REDIS_URL"].startswith("redis://redis:")
+        (weights,) = [v for v in services[name]["volumes"] if isinstance(v, dict) and v["target"] == "/weights"]
+        assert weights["read_only"] is True
+    for name in ("gateway", "bridge"):
+        assert services[name]["environment"]["AVATAR_GRPC_TARGET"] == "ray-head:9000"
+    collector = services["otel-collector"]
+    assert any(v.startswith("./deploy/otel/collector.yaml:") for v in collector["volumes"])
+
+
+def _docker_compose() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=20)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_docker_compose_config_when_the_cli_is_available():
+    command = _docker_compose()
+    if command is None:
+        pytest.skip("no `docker compose` / `docker-compose` CLI here; test_compose_services covers the file")
+    result = subprocess.run([*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_dockerfiles(name):
+    text = (DEPLOY / "docker" / name).read_text()
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\w+))?", text, re.MULTILINE)
+    assert len(stages) >= 2, "multi-stage build"
+    assert re.search(r"^COPY --from=build ", text, re.MULTILINE)
+    assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", text, re.MULTILINE)
+    assert '"torch==${TORCH_VERSION}"' in text
+    user = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert user and user[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
+    assert re.search(r"^HEALTHCHECK ", text, re.MULTILINE)
+    for line in re.findall(r"^COPY .*$", text, re.MULTILINE):
+        assert "weights" not in line and ".safetensors" not in line, f"weights baked in: {line}"
+    if name == "Dockerfile.cpu":
+        assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    else:
+        assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+$", text, re.MULTILINE)
+        assert "python3.11" in text, "Ray needs the same Python on every node: 3.11, as in the CPU image"
+
+
+def test_dockerignore_keeps_weights_and_environments_out():
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert "**" in lines, "exclude everything by default"
+    included = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert not included & {"weights", ".venv", "out", "tests", ".git"}
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (DEPLOY / "docker" / name).read_text()
+        for line in re.findall(r"^COPY (?!--from)(.*)$", text, re.MULTILINE):
+            *sources, _destination = [token for token in line.split() if not token.startswith("--")]
+            for source in sources:
+                assert source.rstrip("/") in included, f"{name} copies {source}, which .dockerignore leaves out"
+
+
+# --------------------------------------------------------------------------------------------
+# Helm chart
+
+
+@pytest.fixture(scope="module")
+def values() -> dict:
+    return load(CHART / "values.yaml")
+
+
+@pytest.fixture(scope="module")
+def validator():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_chart_metadata():
+    chart = load(CHART / "Chart.yaml")
+    assert chart["apiVersion"] == "v2" and chart["name"] == "avatar-forcing"
+    for template in ("rayservice.yaml", "gateway.yaml", "bridge.yaml", "redis.yaml", "configmap.yaml", "secret.yaml",
+                     "networkpolicy.yaml", "servicemonitor.yaml", "_helpers.tpl", "NOTES.txt"):  # fmt: skip
+        assert (CHART / "templates" / template).exists(), template
+
+
+def test_helm_values_validate_against_the_schema(validator, values):
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(values)]
+    assert errors == []
+
+
+def _set(data: dict, path: str, value) -> dict:
+    data = copy.deepcopy(data)
+    *parents, last = path.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+_DELETE = object()
+INVALID = {
+    "negative GPU worker replicas": ("ray.gpuWorkers.maxReplicas", -1),
+    "negative gateway replicas": ("gateway.replicas", -2),
+    "negative Serve max_replicas": ("serve.deployments.decoder.autoscaling_config.max_replicas", -1),
+    "missing image repository": ("image.repository", _DELETE),
+    "empty image repository": ("gpuImage.repository", ""),
+    "GPU fraction above one GPU": ("serve.deployments.generator.ray_actor_options.num_gpus", 1.5),
+    "negative GPU fraction": ("serve.deployments.decoder.ray_actor_options.num_gpus", -0.25),
+    "GPU fraction as text": ("serve.deployments.decoder.ray_actor_options.num_gpus", "0.25"),
+    "unknown model size": ("model.config", "huge"),
+    "unknown top-level key": ("replicaCount", 3),
+    "typo in a Serve option": ("serve.deployments.generator.max_ongoing_request", 8),
+    "no Redis at all": ("redis.inCluster.enabled", False),
+    "fixed replicas and autoscaling": ("serve.deployments.generator.num_replicas", 2),
+    "zero GPUs per pod": ("ray.gpuWorkers.gpusPerPod", 0),
+    "a Serve deployment missing": ("serve.deployments.motion_encoder", _DELETE),
+    "relative weights mount": ("weights.mountPath", "weights"),
+    "bridge without LiveKit credentials": ("livekit.existingSecret", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID), ids=list(INVALID))
+def test_helm_schema_rejects_invalid_values(validator, values, case):
+    path, value = INVALID[case]
+    assert list(validator.iter_errors(_set(values, path, value))), f"{case} was accepted"
+
+
+def test_helm_schema_accepts_the_documented_alternatives(validator, values):
+    external = _set(_set(values, "redis.inCluster.enabled", False), "redis.external.url", "rediss://r:6380/0")
+    secret_ref = _set(_set(values, "redis.inCluster.enabled", False), "redis.external.existingSecret.name", "redis")
+    host_path = _set(values, "weights.source", "hostPath")
+    chart_secret = _set(values, "livekit.createSecret", True)
+    for key, val in (("url", "wss://x.livekit.cloud"), ("apiKey", "k"), ("apiSecret", "s")):
+        chart_secret = _set(chart_secret, f"livekit.{key}", val)
+    no_bridge = _set(_set(values, "bridge.enabled", False), "livekit.existingSecret", "")
+    for alternative in (external, secret_ref, host_path, chart_secret, no_bridge):
+        assert [e.message for e in validator.iter_errors(alternative)] == []
+    assert list(validator.iter_errors(_set(values, "livekit.createSecret", True))), "createSecret needs its values"
+
+
+def test_helm_serve_values_equal_the_serve_config(values):
+    config = load(SERVE_CONFIG)
+    serve = values["serve"]
+    for name, deployment in deployments_by_name(config).items():
+        assert serve["deployments"][name] == {k: v for k, v in deployment.items() if k != "name"}, name
+    assert serve["grpcServicerFunctions"] == config["grpc_options"]["grpc_servicer_functions"]
+    assert serve["grpcPort"] == config["grpc_options"]["port"]
+    assert serve["httpPort"] == config["http_options"]["port"]
+    assert serve["proxyLocation"] == config["proxy_location"]
+    (app,) = config["applications"]
+    assert serve["importPath"] == app["import_path"] and serve["appName"] == app["name"]
+    assert values["ray"]["version"] == load(RAYSERVICE)["spec"]["rayClusterConfig"]["rayVersion"]
+
+
+def test_helm_worker_groups_hold_every_replica_at_max_scale(values):
+    ray = values["ray"]
+
+    def group(name: str) -> dict:
+        return {**ray[name], "cpus": ray[name]["resources"]["limits"]["cpu"]}
+
+    cpu = group("cpuWorkers") if ray["cpuWorkers"]["enabled"] else None
+    check_capacity(values["serve"]["deployments"], cpu, group("gpuWorkers"), ray["gpuWorkers"]["gpusPerPod"])
+
+
+TEMPLATE_FILES = sorted((CHART / "templates").glob("*"))
+VALUES_REF = re.compile(r"\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+ALIAS = re.compile(r"(\$[A-Za-z_]\w*)\s*:=\s*\.Values((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+
+
+def template_value_paths() -> dict[str, set[str]]:
+    """file -> every values path a template reads (`.Values.a.b`, and `$x.c` after `$x := .Values.a`)."""
+    paths: dict[str, set[str]] = {}
+    for path in TEMPLATE_FILES:
+        text = path.read_text()
+        found = {m.group(1)[1:] for m in VALUES_REF.finditer(text)}
+        for alias, target in ALIAS.findall(text):
+            for m in re.finditer(re.escape(alias) + r"((?:\.[A-Za-z_][A-Za-z0-9_]*)+)", text):
+                found.add(target[1:] + m.group(1))
+        paths[path.name] = found
+    return paths
+
+
+def _exists(values: dict, dotted: str) -> bool:
+    node = values
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _leaves(data, prefix="") -> list[str]:
+    if isinstance(data, dict) and data:
+        return [leaf for key, val in data.items() for leaf in _leaves(val, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
+
+
+def test_helm_templates_read_only_existing_values(values):
+    missing = [
+        f"{name}: .Values.{dotted}"
+        for name, paths in template_value_paths().items()
+        for dotted in sorted(paths)
+        if not _exists(values, dotted)
+    ]
+    assert missing == []
+
+
+def test_every_helm_value_is_read_by_a_template(values):
+    read = set().union(*template_value_paths().values())
+    unused = [leaf for leaf in _leaves(values) if not any(leaf == r or leaf.startswith(r + ".") for r in read)]
+    assert unused == [], "values no template reads (dead knobs)"
+
+
+@pytest.mark.parametrize("path", TEMPLATE_FILES, ids=lambda p: p.name)
+def test_helm_template_actions_are_balanced(path):
+    text = path.read_text()
+    assert text.count("{{") == text.count("}}"), "unbalanced {{ }}"
+    actions = re.findall(r"\{\{-?\s*(if|range|with|define|else|end)\b", text)
+    depth = 0
+    for action in actions:
+        if action in ("if", "range", "with", "define"):
+            depth += 1
+        elif action == "end":
+            depth -= 1
+            assert depth >= 0, "`end` without an opening block"
+    assert depth == 0, "a block is not closed"
+
+
+def test_helm_chart_renders_when_helm_python_is_installed(values):
+    """Real Helm rendering (Go template engine) when helm-python-sdk is installed."""
+    chart_module = pytest.importorskip("helm_python.chart", reason="helm-python-sdk not installed")
+    chart = chart_module.Chart.load(str(CHART))
+    chart.validate_schema(values)
+    rendered = chart.render(values, name="af", namespace="avatar-forcing", is_install=True)
+    docs = [d for name, text in rendered.items() if not name.endswith("NOTES.txt") for d in yaml.safe_load_all(text)]
+    docs = [d for d in docs if d]
+    (rayservice,) = [d for d in docs if d["kind"] == "RayService"]
+    assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == load(SERVE_CONFIG)
+    kinds = {d["kind"] for d in docs}
+    assert {"ConfigMap", "Deployment", "Service", "StatefulSet", "NetworkPolicy"} <= kinds

@@ -1,0 +1,178 @@
+"""The session pipeline with the real servicers (real Redis, no Ray): equal to the in-process engine."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from avatar_forcing.config import tiny
+from avatar_forcing.face_crop import FaceCropper
+from avatar_forcing.live_session import LiveSession
+from avatar_forcing.media import load_audio, read_video
+from avatar_forcing.model import random_model
+from avatar_forcing.motion_stream import StreamOptions
+from services.audio_features.servicer import AudioFeaturesServicer
+from services.common.config import Settings
+from services.common.errors import ValidationError
+from services.common.protos import pb
+from services.common.session_store import SessionStore
+from services.common.tensors import decode as decode_tensor
+from services.decoder.servicer import DecoderServicer
+from services.generator.servicer import GeneratorServicer
+from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
+from services.motion_encoder.servicer import MotionEncoderServicer
+from tests.integration.test_session_store import keys_with, prefix, redis_url  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.integration
+SAMPLES = Path(__file__).parents[2] / "samples"
+FRAMES = 40
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def media():
+    portrait_png = (SAMPLES / "portrait.png").read_bytes()
+    speech = (load_audio(SAMPLES / "avatar_speech.wav")[: FRAMES * 640] * 32767).astype(np.int16)
+    clip = read_video(SAMPLES / "user.mp4")
+    user = (clip.audio[: FRAMES * 640] * 32767).astype(np.int16)
+    return portrait_png, speech, user, clip.frames[:FRAMES]
+
+
+def stages_for(model, store) -> Stages:
+    settings = Settings(model_preset="tiny")
+    audio = AudioFeaturesServicer(model, None, settings)
+    motion = MotionEncoderServicer(model, store, settings)
+    generator = GeneratorServicer(model.block_sampler(), store, "replica-1")
+    decoder = DecoderServicer(model, store, settings, cache_bytes=1 << 26)
+    return Stages(
+        audio.Extract,
+        motion.EncodeUserMotion,
+        motion.EncodePortrait,
+        generator.OpenSession,
+        generator.GenerateBlock,
+        generator.CloseSession,
+        decoder.Decode,
+    )
+
+
+def client_messages(portrait_png, speech, user, frames, chunk=640, extra=()):
+    yield pb.ClientMessage(
+        start=pb.Start(
+            portrait=portrait_png,
+            options=pb.SessionOptions(warm_start=True, seed=SEED),
+            output_format=pb.RAW_RGB,
+        )
+    )
+    yield from extra
+    for start in range(0, speech.shape[0], chunk):
+        ts = start * 1_000_000 // 16000
+        yield pb.ClientMessage(
+            audio=pb.AudioChunk(
+                source=pb.AVATAR, timestamp_us=ts, sample_rate=16000, pcm_s16le=speech[start : start + chunk].tobytes()
+            )
+        )
+        yield pb.ClientMessage(
+            audio=pb.AudioChunk(
+                source=pb.USER, timestamp_us=ts, sample_rate=16000, pcm_s16le=user[start : start + chunk].tobytes()
+            )
+        )
+        for index in range(start // 640, (start + chunk) // 640):
+            h, w = frames[index].shape[:2]
+            yield pb.ClientMessage(
+                video=pb.VideoFrame(
+                    timestamp_us=index * 40_000,
+                    image=pb.Image(format=pb.RAW_RGB, width=w, height=h, data=frames[index].tobytes()),
+                )
+            )
+    yield pb.ClientMessage(end_of_input=pb.EndOfInput())
+
+
+async def iterate(messages):
+    for message in messages:
+        yield message
+        await asyncio.sleep(0)
+
+
+async def run_pipeline(model, redis_url, prefix, messages, degrade=False, latents=None):  # noqa: F811
+    """All server messages; `latents` (a list) collects the generator's outputs on the way."""
+    # Media arrive here much faster than real time: without `degrade=False` the real-time
+    # policy would (rightly) drop blocks to catch up.
+    store = SessionStore(redis_url, prefix=prefix)
+    settings = IngressSettings(image_size=64, degrade=degrade)
+    stages = stages_for(model, store)
+    generate = stages.generate_block
+
+    async def recording(request):
+        response = await generate(request)
+        if latents is not None and response.latents.shape and response.latents.shape[0]:
+            latents.append(decode_tensor(response.latents, "latents"))
+        return response
+
+    stages.generate_block = recording
+    pipeline = SessionPipeline(stages, store, settings, "acme")
+    out = [message async for message in pipeline.run(iterate(messages))]
+    await store.aclose()
+    return out
+
+
+def in_process(model, portrait_png, speech, user, frames) -> tuple[np.ndarray, np.ndarray]:
+    image = cv2.cvtColor(cv2.imdecode(np.frombuffer(portrait_png, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    session = LiveSession(
+        model, FaceCropper(64).crop_portrait(image, "portrait"), StreamOptions(warm_start=True), seed=SEED
+    )
+    out = []
+    step = 10 * 640  # one block per push: the motion encoder then sees the service's batches
+    for start in range(0, speech.shape[0], step):
+        session.push_avatar_audio(speech[start : start + step].astype(np.float32) / 32768.0)
+        session.push_user_audio(user[start : start + step].astype(np.float32) / 32768.0)
+        session.push_user_frames(frames[start // 640 : (start + step) // 640])
+        out += session.pull()
+    session.finish()
+    out += session.pull()
+    return np.concatenate([b.frames for b in out]), np.concatenate([b.latents.numpy() for b in out])
+
+
+def test_stream_equals_the_in_process_engine_and_leaves_no_keys(model, media, redis_url, prefix):  # noqa: F811
+    latents: list[np.ndarray] = []
+    out = asyncio.run(run_pipeline(model, redis_url, prefix, client_messages(*media), latents=latents))
+    started, frames = out[0].started, [m.frame for m in out[1:] if m.WhichOneof("message") == "frame"]
+    assert (started.fps, started.block, started.width, started.height) == (25, 10, 64, 64)
+    assert [f.frame_index for f in frames] == list(range(FRAMES))
+    images = np.stack([np.frombuffer(f.image.data, np.uint8).reshape(64, 64, 3) for f in frames])
+    expected_images, expected_latents = in_process(model, *media)
+    np.testing.assert_allclose(np.concatenate(latents), expected_latents, atol=1e-5)
+    assert images.shape == expected_images.shape
+    assert np.abs(images.astype(int) - expected_images.astype(int)).max() <= 1
+    speech = media[1]
+    assert b"".join(f.audio_pcm_s16le for f in frames) == speech[: FRAMES * 640].tobytes()
+    assert keys_with(redis_url, f"{prefix}:session*") == []  # closed: every session key deleted
+
+
+def test_bad_media_messages_are_answered_and_the_session_goes_on(model, media, redis_url, prefix):  # noqa: F811
+    bad = [
+        pb.ClientMessage(audio=pb.AudioChunk(source=pb.USER, timestamp_us=0, sample_rate=44100, pcm_s16le=b"\0\0")),
+        pb.ClientMessage(video=pb.VideoFrame(timestamp_us=0, image=pb.Image(format=pb.JPEG, data=b"not a jpeg"))),
+        pb.ClientMessage(audio=pb.AudioChunk(source=pb.AVATAR, timestamp_us=0, sample_rate=16000, pcm_s16le=b"\0")),
+    ]
+    out = asyncio.run(run_pipeline(model, redis_url, prefix, client_messages(*media, extra=bad)))
+    errors = [m.error for m in out if m.WhichOneof("message") == "error"]
+    assert [e.code for e in errors] == [3, 3, 3]
+    assert "audio.sample_rate" in errors[0].message and "44100" in errors[0].message
+    assert "video.image.data" in errors[1].message
+    assert "audio.pcm_s16le" in errors[2].message
+    assert len([m for m in out if m.WhichOneof("message") == "frame"]) == FRAMES
+
+
+def test_first_message_must_be_start(model, redis_url, prefix):  # noqa: F811
+    messages = [pb.ClientMessage(end_of_input=pb.EndOfInput())]
+    with pytest.raises(ValidationError, match="first client message must be Start"):
+        asyncio.run(run_pipeline(model, redis_url, prefix, messages))
