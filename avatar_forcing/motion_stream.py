@@ -274,6 +274,24 @@ class MotionStream:
         stream.cache = FlowCache.from_tensors(tensors, stream.config.depth, "cache.") if has_cache else None
         return stream
 
+    def checkpoint(self) -> dict:
+        """A cheap snapshot to `restore` if what follows fails (e.g. a call whose result is lost).
+
+        Every update rebinds tensors instead of writing into them, so references are enough.
+        """
+        names = ("input_start", "next_frame", "context", "cache", "total_frames", "_in_flight", "last_history")
+        snapshot = {name: getattr(self, name) for name in names}
+        snapshot["inputs"] = dict(self.inputs)
+        snapshot["rng_state"] = self.generator.get_state()
+        return snapshot
+
+    def restore(self, snapshot: dict) -> None:
+        for name, value in snapshot.items():
+            if name == "rng_state":
+                self.generator.set_state(value)
+            else:
+                setattr(self, name, dict(value) if name == "inputs" else value)
+
     @classmethod
     def rebuild(
         cls,

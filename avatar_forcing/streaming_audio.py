@@ -208,11 +208,8 @@ class StreamingAudioFeatures:
         self._drop_before(start * SAMPLES_PER_FRAME)
 
         window = self.buffer[: min(end * SAMPLES_PER_FRAME, self.samples_received) - self.buffer_start]
-        window = normalize_waveform(window[None])  # (1, n) real samples of the window, unpadded
-        window = pad_to_frames(window, end - start)  # (1, (end - start) * 640), as the release pads a clip
-        features = self.encoder(window, end - start, normalize=False)[0]  # (end - start, 512)
         self.next_group = group + 1
-        return features[first - start : last - start]
+        return window_features(self.encoder, window, first - start, last - first)
 
     def _drop_before(self, sample: int) -> None:
         """Cut buffer samples before absolute index `sample` (never needed again)."""
@@ -221,3 +218,17 @@ class StreamingAudioFeatures:
             return
         self._buffer = self.buffer[cut:].clone()
         self.buffer_start = sample
+
+
+def window_features(encoder: AudioEncoder, window: Tensor, context_frames: int, num_frames: int) -> Tensor:
+    """Features of frames [context_frames, context_frames + num_frames) of one audio window (n,).
+
+    The window's real samples are normalised, replicate-padded to whole frames (as the release
+    pads a clip) and encoded; the rows of the wanted frames are kept. This is all a streaming
+    encoder computes per window, so a service given the same window returns the same features.
+    """
+    frames_in_window = -(-window.shape[0] // SAMPLES_PER_FRAME)
+    wave = normalize_waveform(window[None])  # (1, n) real samples, unpadded
+    wave = pad_to_frames(wave, frames_in_window)  # (1, frames_in_window * 640)
+    features = encoder(wave, frames_in_window, normalize=False)[0]  # (frames_in_window, 512)
+    return features[context_frames : context_frames + num_frames]

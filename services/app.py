@@ -29,13 +29,16 @@ ARG_TO_SETTING = {
     "max_sessions_per_replica": "max_sessions_per_replica",
     "history_blocks": "history_blocks",
 }
+INGRESS_ARGS = {"degrade", "latency_budget_s", "face_detect_every", "video_grace_frames"}
+REPLICA_ARGS = {"generator_replicas"}
 
 
 def settings_overrides(args: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(args) - set(ARG_TO_SETTING))
+    known = set(ARG_TO_SETTING) | INGRESS_ARGS | REPLICA_ARGS
+    unknown = sorted(set(args) - known)
     if unknown:
-        raise ValueError(f"app args: unknown {unknown}; expected some of {sorted(ARG_TO_SETTING)}")
-    overrides = {ARG_TO_SETTING[k]: v for k, v in args.items() if v is not None}
+        raise ValueError(f"app args: unknown {unknown}; expected some of {sorted(known)}")
+    overrides = {ARG_TO_SETTING[k]: v for k, v in args.items() if k in ARG_TO_SETTING and v is not None}
     if "weights_dir" in overrides:
         overrides["weights_dir"] = Path(overrides["weights_dir"])
     return overrides
@@ -48,15 +51,21 @@ def image_size(settings: Settings) -> int:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    overrides = settings_overrides(args or {})
+    args = args or {}
+    overrides = settings_overrides(args)
     settings = dataclasses.replace(Settings.from_env(), **overrides)
+    generator = Generator
+    if args.get("generator_replicas"):
+        generator = Generator.options(num_replicas=int(args["generator_replicas"]))
+    ingress = {k: args[k] for k in INGRESS_ARGS if k in args}
     return SessionIngress.bind(
         AudioFeatures.bind(overrides),
         MotionEncoder.bind(overrides),
-        Generator.bind(overrides),
+        generator.bind(overrides),
         FrameDecoder.bind(overrides),
         overrides,
         image_size(settings),
+        ingress,
     )
 
 

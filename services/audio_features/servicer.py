@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from avatar_forcing.audio_encoder import AudioEncoder, normalize_waveform, pad_to_frames
 from avatar_forcing.model import AvatarForcing
+from avatar_forcing.streaming_audio import window_features
 from services.common.config import Settings
 from services.common.errors import ValidationError
 from services.common.protos import Limit, pb
@@ -39,19 +38,6 @@ SOURCES = (pb.AVATAR, pb.USER)
 
 
 @torch.no_grad()
-def window_features(encoder: AudioEncoder, window: Tensor, context_frames: int, num_frames: int) -> Tensor:
-    """Features of frames [context_frames, context_frames + num_frames) of one audio window (n,).
-
-    What `StreamingAudioFeatures._emit_group` computes: normalise the window's real samples,
-    replicate-pad them to whole frames, encode, keep the output rows. (n,) float32 -> (num_frames, 512).
-    """
-    frames_in_window = -(-window.shape[0] // Limit.SAMPLES_PER_FRAME)
-    wave = normalize_waveform(window[None])  # (1, n) real samples, unpadded
-    wave = pad_to_frames(wave, frames_in_window)  # (1, frames_in_window * 640)
-    features = encoder(wave, frames_in_window, normalize=False)[0]  # (frames_in_window, 512)
-    return features[context_frames : context_frames + num_frames]
-
-
 def request_waveform(request: pb.ExtractFeaturesRequest) -> np.ndarray:
     """The request's waveform as float32 (n,), validated against the contract's limits."""
     which = request.WhichOneof("waveform")

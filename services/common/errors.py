@@ -38,6 +38,18 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
+    def __reduce__(self):
+        # Subclasses take other constructor arguments; rebuild from the message and attributes
+        # so that the error crosses process boundaries (Ray) with its type and text intact.
+        return (_rebuild, (type(self), str(self), dict(self.__dict__)))
+
+
+def _rebuild(cls: type[ServiceError], message: str, attributes: dict) -> ServiceError:
+    error = Exception.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(attributes)
+    return error
+
 
 class ValidationError(ServiceError, ValueError):
     """Bad input. `field` names the offending field (dotted path, e.g. "avatar_audio.shape")."""

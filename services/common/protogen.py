@@ -44,7 +44,7 @@ PROTO_ROOT = ROOT / "protos"
 OUT_ROOT = ROOT / "services" / "_generated"
 PROTO_PACKAGE = "avatar_forcing/v1"  # directory of the .proto files under PROTO_ROOT
 GENERATED_PACKAGE = "services._generated"
-GENERATOR_VERSION = "1"  # bump when the rewrite rules change: forces regeneration
+GENERATOR_VERSION = "3"  # bump when the rewrite rules change: forces regeneration
 STAMP = ".stamp"
 LOCK = ".lock"
 
@@ -149,6 +149,12 @@ def _run_protoc(protos: list[Path], proto_root: Path, out: Path) -> None:
 def _rewrite_imports(package_dir: Path) -> None:
     for path in sorted(package_dir.glob("*_pb2*.py*")):
         text = _IMPORT_RE.sub(rf"\1from {GENERATED_PACKAGE}.\2 import ", path.read_text())
+        # Messages are registered under their module's name; it must be importable for pickling
+        # (Ray sends proto messages between processes).
+        text = text.replace(
+            "BuildTopDescriptorsAndMessages(DESCRIPTOR, 'avatar_forcing.v1.",
+            f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{GENERATED_PACKAGE}.avatar_forcing.v1.",
+        )
         if _LEFTOVER_RE.search(text):
             raise ProtoGenError(f"protogen: {path.name}: an import of avatar_forcing.* was left unrewritten")
         path.write_text(text)

@@ -31,6 +31,7 @@ BATCH_WAIT_S = 0.004  # how long a request waits for others to share its forward
 @serve.deployment(
     name="generator",
     max_ongoing_requests=32,
+    ray_actor_options={"num_cpus": 0.5},
     request_router_config=RequestRouterConfig(
         request_router_class=SessionAffinityRouter, request_routing_stats_period_s=1.0
     ),

@@ -37,8 +37,10 @@ from avatar_forcing.motion_stream import STREAMS, MotionBlock, MotionStream, Str
 from avatar_forcing.sampling import GuidanceScales
 from services.common.errors import (
     CapacityExceededError,
+    FailedPreconditionError,
     FrameConflictError,
     OwnershipLostError,
+    SessionNotFoundError,
     TenantMismatchError,
     ValidationError,
 )
@@ -164,6 +166,7 @@ class GeneratorServicer:
         else:
             nbytes = session_bytes(self.config, options.block)
             self.table.check_room(nbytes)
+            await self._ensure_record(request)
             await self.store.replica_heartbeat(self.replica_id)
             claim = await self.store.claim(
                 request.session_id, request.tenant_id, self.replica_id, max_sessions=self.table.max_sessions
@@ -190,44 +193,57 @@ class GeneratorServicer:
         generation, resumed = await self._session(request.session_id, request.tenant_id)
         async with generation.lock:
             stream = generation.stream
-            expected = stream.next_input_frame
-            if request.first_frame != expected:
-                raise FrameConflictError(f"first_frame: got {request.first_frame}; expected {expected}")
-            inputs = self._inputs(request)
-            if inputs:
-                stream.push(**inputs)
-            if request.end_of_input:
-                stream.finish()
-            nfe = self._nfe(request.max_nfe, stream.options.nfe)
-            blocks: list[MotionBlock] = []
-            held = False
-            pending_hold = request.hold and stream.cache is not None  # the first window cannot be held
-            while True:
-                if pending_hold:
-                    pending_hold = False
-                    block = await asyncio.to_thread(stream.hold_block)
-                    if block is None and stream.last_history is None:
-                        break  # no block due
-                    held = True
-                else:
-                    block_request = stream.next_request(nfe)
-                    if block_request is None:
-                        break
-                    block = stream.accept((await self.run_blocks([block_request]))[0])
-                await self._record(request.session_id, generation, stream.last_history)
-                stream.last_history = None
-                if block is not None:
-                    blocks.append(block)
-            latents = torch.cat([b.latents for b in blocks]) if blocks else torch.zeros(0, self.config.motion_dim)
-            return pb.GenerateBlockResponse(
-                latents=encode(latents, "latents"),
-                first_frame=blocks[0].frame_index if blocks else stream.frames_emitted,
-                replica_id=self.replica_id,
-                resumed=resumed,
-                nfe_used=nfe,
-                next_input_frame=stream.next_input_frame,
-                held=held,
-            )
+            snapshot = stream.checkpoint()
+            try:
+                return await self._generate(request, generation, resumed)
+            except BaseException:
+                # Nothing of a failed call sticks (Redis down, ownership lost, bad input): the
+                # caller may send the same block again.
+                stream.restore(snapshot)
+                raise
+
+    async def _generate(
+        self, request: pb.GenerateBlockRequest, generation: Generation, resumed: bool
+    ) -> pb.GenerateBlockResponse:
+        stream = generation.stream
+        expected = stream.next_input_frame
+        if request.first_frame != expected:
+            raise FrameConflictError(f"first_frame: got {request.first_frame}; expected {expected}")
+        inputs = self._inputs(request)
+        if inputs:
+            stream.push(**inputs)
+        if request.end_of_input:
+            stream.finish()
+        nfe = self._nfe(request.max_nfe, stream.options.nfe)
+        blocks: list[MotionBlock] = []
+        held = False
+        pending_hold = request.hold and stream.cache is not None  # the first window cannot be held
+        while True:
+            if pending_hold:
+                pending_hold = False
+                block = await asyncio.to_thread(stream.hold_block)
+                if block is None and stream.last_history is None:
+                    break  # no block due
+                held = True
+            else:
+                block_request = stream.next_request(nfe)
+                if block_request is None:
+                    break
+                block = stream.accept((await self.run_blocks([block_request]))[0])
+            await self._record(request.session_id, generation, stream.last_history)
+            stream.last_history = None
+            if block is not None:
+                blocks.append(block)
+        latents = torch.cat([b.latents for b in blocks]) if blocks else torch.zeros(0, self.config.motion_dim)
+        return pb.GenerateBlockResponse(
+            latents=encode(latents, "latents"),
+            first_frame=blocks[0].frame_index if blocks else stream.frames_emitted,
+            replica_id=self.replica_id,
+            resumed=resumed,
+            nfe_used=nfe,
+            next_input_frame=stream.next_input_frame,
+            held=held,
+        )
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context=None) -> pb.CloseSessionResponse:
         check_id("session_id", request.session_id)
@@ -238,8 +254,9 @@ class GeneratorServicer:
             return pb.CloseSessionResponse(frames_generated=max(0, record.frame_cursor))
         self._check_tenant(generation, request.tenant_id, request.session_id)
         self.table.drop(request.session_id)
-        with contextlib.suppress(OwnershipLostError):  # someone else took it over: nothing of ours to release
-            await self.store.release(request.session_id, request.tenant_id, self.replica_id, generation.claim.epoch)
+        # The session ends: every key of it goes (a later GenerateBlock gets NOT_FOUND).
+        with contextlib.suppress(SessionNotFoundError):
+            await self.store.close(request.session_id, request.tenant_id)
         return pb.CloseSessionResponse(frames_generated=generation.stream.frames_emitted)
 
     # -- replica upkeep ------------------------------------------------------------------
@@ -261,6 +278,15 @@ class GeneratorServicer:
         return sorted(gone)
 
     # -- internals -----------------------------------------------------------------------
+
+    async def _ensure_record(self, request: pb.OpenSessionRequest) -> None:
+        """Callers of the generator API alone (no gateway, no ingress) get a session record here."""
+        try:
+            await self.store.get(request.session_id, request.tenant_id)
+        except SessionNotFoundError:
+            avatar_id = request.avatar_id or "unnamed"
+            with contextlib.suppress(FailedPreconditionError):  # created concurrently: fine
+                await self.store.create(request.session_id, request.tenant_id, avatar_id, status="active")
 
     async def _session(self, session_id: str, tenant_id: str) -> tuple[Generation, bool]:
         generation = self.table.get(session_id)

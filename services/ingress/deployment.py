@@ -7,19 +7,23 @@ session-affinity router sends them to the replica that holds the session's cache
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from services.common import rpc
 from services.common.auth import tenant_from_grpc_metadata
 from services.common.config import Settings
-from services.common.errors import TenantMismatchError, set_status
+from services.common.errors import ServiceError, TenantMismatchError, UnavailableError, set_status
 from services.common.protos import pb
 from services.common.session_store import SessionStore
 from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
+
+REPLICA_DEATH_RETRIES = 8  # ~7 s of backoff in all
 
 
 def handle_stages(
@@ -30,10 +34,30 @@ def handle_stages(
 ) -> Stages:
     def method(handle: DeploymentHandle, name: str, routed: bool = False):
         async def call(request):
+            try:
+                return await attempt(request)
+            except RayTaskError as exc:
+                # A deployment's own error arrives wrapped, its text a Ray traceback; callers
+                # (and gRPC clients) get the original error with its message.
+                raise (exc.cause if isinstance(exc.cause, ServiceError) else exc) from None
+
+        async def attempt(request):
             target = handle.options(method_name=name)
-            if routed:  # pin to the replica holding the session's cache
-                target = target.options(session_id=request.session_id)
-            return await target.remote(request)
+            if not routed:
+                return await target.remote(request)
+            # Pinned to the replica holding the session's cache. If that replica just died, Serve
+            # needs a moment to drop it from the replica set; the next replica resumes the session.
+            target = target.options(session_id=request.session_id)
+            for attempt in range(REPLICA_DEATH_RETRIES):
+                try:
+                    return await target.remote(request)
+                except (RayActorError, ActorDiedError, ActorUnavailableError):
+                    if attempt == REPLICA_DEATH_RETRIES - 1:
+                        raise UnavailableError(
+                            f"session_id: the generator replica of {request.session_id!r} "
+                            "died and no other replica answered; retry"
+                        ) from None
+                    await asyncio.sleep(0.2 * (attempt + 1))
 
         return call
 
@@ -48,7 +72,7 @@ def handle_stages(
     )
 
 
-@serve.deployment(name="session_ingress", max_ongoing_requests=64)
+@serve.deployment(name="session_ingress", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
 class SessionIngress:
     def __init__(
         self,
@@ -58,11 +82,12 @@ class SessionIngress:
         decoder: DeploymentHandle,
         overrides: dict | None = None,
         image_size: int = 512,
+        ingress: dict | None = None,
     ) -> None:
         self.settings = dataclasses.replace(Settings.from_env(), **(overrides or {}))
         self.store = SessionStore.from_settings(self.settings)
         self.stages = handle_stages(audio_features, motion_encoder, generator, decoder)
-        self.ingress_settings = IngressSettings(image_size=image_size)
+        self.ingress_settings = IngressSettings(image_size=image_size, **(ingress or {}))
 
     async def Stream(self, request_stream, grpc_context=None) -> AsyncIterator[pb.ServerMessage]:
         try:
