@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume-drift", "avatar_forcing.resume_drift", "a session rebuilt from its history vs uninterrupted"),
         ("serve", "services.launcher", "start Ray, Redis and the services locally; print the gRPC endpoint"),
         ("client", "services.client.cli", "stream a portrait + audio + user video through a server"),
+        ("serve-bench", "services.bench_stack", "stage and end-to-end latency, concurrent sessions, batching gain"),
     ):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(func=None, module=module)

@@ -406,14 +406,7 @@ def _build_app(app_args: dict[str, Any]) -> Any:
         from services.app import build_app
     except ImportError as exc:
         raise LauncherError(f"services.app.build_app cannot be imported ({exc})") from None
-    try:
-        return build_app(app_args)
-    except ValueError as exc:
-        if "auth_secret" not in str(exc):
-            raise
-        # This build_app takes no auth_secret; the replicas read it from AVATAR_FORCING_AUTH_SECRET,
-        # which start_local sets for them. (Never echo exc's text beyond the key name.)
-        return build_app({k: v for k, v in app_args.items() if k != "auth_secret"})
+    return build_app(app_args)
 
 
 class _Terminated(BaseException):
@@ -507,8 +500,7 @@ def start_local(
                 "config": preset,
                 "weights": str(weights_dir.resolve()) if weights_dir is not None else None,
                 "redis_url": url,
-                "auth_secret": secret,
-            }
+            }  # the secret reaches the replicas through the environment, never as a deployment argument
             log(f"serve: deploying {APP_NAME} (model {preset}; this loads the models)")
             serve.run(_build_app(app_args), name=APP_NAME, route_prefix="/")
         grpc_target = f"127.0.0.1:{grpc_port}"

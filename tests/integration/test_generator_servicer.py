@@ -14,14 +14,13 @@ from services.common.protos import pb
 from services.common.session_store import SessionStore
 from services.common.tensors import decode_torch, encode
 from services.generator.servicer import GeneratorServicer
-from tests.integration.test_session_store import prefix, redis_url  # noqa: F401 (fixtures)
 from tests.unit.test_motion_stream import reference, tracks
 
 pytestmark = pytest.mark.integration
 BLOCK = 10
 
 
-def servicer(parity_flow, redis_url, prefix, replica, **kwargs) -> GeneratorServicer:  # noqa: F811
+def servicer(parity_flow, redis_url, prefix, replica, **kwargs) -> GeneratorServicer:
     store = SessionStore(redis_url, prefix=prefix, history_blocks=8)
     return GeneratorServicer(BlockSampler(parity_flow), store, replica, **kwargs)
 
@@ -74,7 +73,7 @@ def as_tensor(frames: dict[int, torch.Tensor], count: int) -> torch.Tensor:
     return torch.stack([frames[i] for i in range(count)])
 
 
-def test_generation_equals_the_in_process_engine_and_sessions_do_not_interfere(parity_flow, redis_url, prefix):  # noqa: F811
+def test_generation_equals_the_in_process_engine_and_sessions_do_not_interfere(parity_flow, redis_url, prefix):
     async def main():
         svc = servicer(parity_flow, redis_url, prefix, "replica-a")
         a, b = tracks(80, seed=1), tracks(80, seed=2)
@@ -89,7 +88,7 @@ def test_generation_equals_the_in_process_engine_and_sessions_do_not_interfere(p
     assert torch.equal(got_b, in_process(parity_flow, tracks(80, seed=2), 80))
 
 
-def test_killed_replica_resumes_elsewhere_with_continuous_frames(parity_flow, redis_url, prefix):  # noqa: F811
+def test_killed_replica_resumes_elsewhere_with_continuous_frames(parity_flow, redis_url, prefix):
     inputs = tracks(110, seed=3)
 
     async def main():
@@ -117,7 +116,7 @@ def test_killed_replica_resumes_elsewhere_with_continuous_frames(parity_flow, re
     assert (got - in_process(parity_flow, inputs, 110, warm_start=True)).abs().max().item() < 1e-5
 
 
-def test_a_full_replica_refuses_new_sessions_and_keeps_live_ones(parity_flow, redis_url, prefix):  # noqa: F811
+def test_a_full_replica_refuses_new_sessions_and_keeps_live_ones(parity_flow, redis_url, prefix):
     async def main():
         svc = servicer(parity_flow, redis_url, prefix, "replica-a", max_sessions=1)
         for sid in ("s1", "s2"):
@@ -131,7 +130,7 @@ def test_a_full_replica_refuses_new_sessions_and_keeps_live_ones(parity_flow, re
     asyncio.run(main())
 
 
-def test_bad_requests_get_clear_errors(parity_flow, redis_url, prefix):  # noqa: F811
+def test_bad_requests_get_clear_errors(parity_flow, redis_url, prefix):
     async def main():
         svc = servicer(parity_flow, redis_url, prefix, "replica-a")
         await create(svc.store, "s1")
@@ -154,7 +153,7 @@ def test_bad_requests_get_clear_errors(parity_flow, redis_url, prefix):  # noqa:
     asyncio.run(main())
 
 
-def test_hold_drops_a_block_and_the_session_continues(parity_flow, redis_url, prefix):  # noqa: F811
+def test_hold_drops_a_block_and_the_session_continues(parity_flow, redis_url, prefix):
     async def main():
         svc = servicer(parity_flow, redis_url, prefix, "replica-a")
         await create(svc.store, "s1")

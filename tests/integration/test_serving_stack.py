@@ -27,7 +27,7 @@ from services.common.auth import mint_token
 from services.common.protos import grpc_options, pb, pb_grpc, servicer_function
 from services.common.tensors import decode_torch, encode
 from tests.integration.test_session_pipeline import FRAMES, client_messages, in_process
-from tests.integration.test_session_store import free_port, start_redis, stop_redis
+from tests.redis_support import free_port, start_redis, stop_redis
 
 pytestmark = pytest.mark.integration
 SECRET = "test-secret-" + "x" * 32

@@ -25,7 +25,7 @@ from services.decoder.servicer import DecoderServicer
 from services.generator.servicer import GeneratorServicer
 from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
 from services.motion_encoder.servicer import MotionEncoderServicer
-from tests.integration.test_session_store import keys_with, prefix, redis_url  # noqa: F401 (fixtures)
+from tests.redis_support import keys_with
 
 pytestmark = pytest.mark.integration
 SAMPLES = Path(__file__).parents[2] / "samples"
@@ -102,7 +102,7 @@ async def iterate(messages):
         await asyncio.sleep(0)
 
 
-async def run_pipeline(model, redis_url, prefix, messages, degrade=False, latents=None):  # noqa: F811
+async def run_pipeline(model, redis_url, prefix, messages, degrade=False, latents=None):
     """All server messages; `latents` (a list) collects the generator's outputs on the way."""
     # Media arrive here much faster than real time: without `degrade=False` the real-time
     # policy would (rightly) drop blocks to catch up.
@@ -141,7 +141,7 @@ def in_process(model, portrait_png, speech, user, frames) -> tuple[np.ndarray, n
     return np.concatenate([b.frames for b in out]), np.concatenate([b.latents.numpy() for b in out])
 
 
-def test_stream_equals_the_in_process_engine_and_leaves_no_keys(model, media, redis_url, prefix):  # noqa: F811
+def test_stream_equals_the_in_process_engine_and_leaves_no_keys(model, media, redis_url, prefix):
     latents: list[np.ndarray] = []
     out = asyncio.run(run_pipeline(model, redis_url, prefix, client_messages(*media), latents=latents))
     started, frames = out[0].started, [m.frame for m in out[1:] if m.WhichOneof("message") == "frame"]
@@ -157,7 +157,7 @@ def test_stream_equals_the_in_process_engine_and_leaves_no_keys(model, media, re
     assert keys_with(redis_url, f"{prefix}:session*") == []  # closed: every session key deleted
 
 
-def test_bad_media_messages_are_answered_and_the_session_goes_on(model, media, redis_url, prefix):  # noqa: F811
+def test_bad_media_messages_are_answered_and_the_session_goes_on(model, media, redis_url, prefix):
     bad = [
         pb.ClientMessage(audio=pb.AudioChunk(source=pb.USER, timestamp_us=0, sample_rate=44100, pcm_s16le=b"\0\0")),
         pb.ClientMessage(video=pb.VideoFrame(timestamp_us=0, image=pb.Image(format=pb.JPEG, data=b"not a jpeg"))),
@@ -172,7 +172,50 @@ def test_bad_media_messages_are_answered_and_the_session_goes_on(model, media, r
     assert len([m for m in out if m.WhichOneof("message") == "frame"]) == FRAMES
 
 
-def test_first_message_must_be_start(model, redis_url, prefix):  # noqa: F811
+def test_first_message_must_be_start(model, redis_url, prefix):
     messages = [pb.ClientMessage(end_of_input=pb.EndOfInput())]
     with pytest.raises(ValidationError, match="first client message must be Start"):
         asyncio.run(run_pipeline(model, redis_url, prefix, messages))
+
+
+def test_a_slow_generator_degrades_the_session_which_recovers_and_stays_bounded(model, media, redis_url, prefix):
+    """Media arrive in real time; the generator takes 0.4 s longer for 6 blocks, then is fast again."""
+    portrait_png, speech, user, frames = media
+    repeat = 6  # 240 frames, 24 blocks, 9.6 s
+    speech, user = np.tile(speech, repeat), np.tile(user, repeat)
+    frames = np.concatenate([frames] * repeat)
+
+    async def main():
+        store = SessionStore(redis_url, prefix=prefix)
+        stages = stages_for(model, store)
+        generate, calls = stages.generate_block, {"n": 0}
+
+        async def slow_then_fast(request):
+            calls["n"] += 1
+            if 2 <= calls["n"] <= 7:
+                await asyncio.sleep(0.4)
+            return await generate(request)
+
+        stages.generate_block = slow_then_fast
+        settings = IngressSettings(image_size=64, latency_budget_s=0.5)
+        pipeline = SessionPipeline(stages, store, settings, "acme")
+
+        async def paced():
+            for i, message in enumerate(client_messages(portrait_png, speech, user, frames, chunk=6400)):
+                yield message
+                if message.WhichOneof("message") == "video" and i % 12 == 0:
+                    await asyncio.sleep(0.4)  # one block of media per 0.4 s: real time
+
+        out = [m async for m in pipeline.run(paced())]
+        await store.aclose()
+        return [m.frame for m in out if m.WhichOneof("message") == "frame"]
+
+    got = asyncio.run(main())
+    print("levels per block", [f.timing.degradation for f in got[::10]])
+    print("latency per block", [round(f.timing.block_latency_ms) for f in got[::10]])
+    assert [f.frame_index for f in got] == list(range(240))  # held frames are still frames
+    levels = [f.timing.degradation for f in got]
+    assert {1, 2} & set(levels[10:90]), "the slow stretch degraded the session"
+    assert set(levels[-30:]) == {0}, "and it recovered to full quality"
+    latencies = [f.timing.block_latency_ms for f in got[::10]]
+    assert max(latencies[-4:]) < 1000, latencies  # no unbounded queue behind the slow stretch
