@@ -220,6 +220,7 @@ class StreamingAudioFeatures:
         self.buffer_start = sample
 
 
+@torch.no_grad()
 def window_features(encoder: AudioEncoder, window: Tensor, context_frames: int, num_frames: int) -> Tensor:
     """Features of frames [context_frames, context_frames + num_frames) of one audio window (n,).
 

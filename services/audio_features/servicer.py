@@ -30,6 +30,7 @@ from services.common.config import Settings
 from services.common.errors import ValidationError
 from services.common.protos import Limit, pb
 from services.common.session_store import SessionStore, check_id
+from services.common.telemetry import rpc_span
 from services.common.tensors import decode, encode
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class AudioFeaturesServicer:
     async def _compute(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    @rpc_span("avatar_forcing.v1.AudioFeatures/Extract")
     async def Extract(self, request: pb.ExtractFeaturesRequest, context=None) -> pb.ExtractFeaturesResponse:
         check_id("session_id", request.session_id)
         check_id("tenant_id", request.tenant_id)

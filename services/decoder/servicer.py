@@ -28,6 +28,7 @@ from services.common.config import Settings
 from services.common.errors import FailedPreconditionError, ValidationError
 from services.common.protos import Limit, pb
 from services.common.session_store import SessionStore, check_id
+from services.common.telemetry import rpc_span
 from services.common.tensors import decode_torch
 from services.motion_encoder.servicer import portrait_encoding
 
@@ -128,6 +129,7 @@ class DecoderServicer:
 
     # -- RPCs ----------------------------------------------------------------------------
 
+    @rpc_span("avatar_forcing.v1.FrameDecoder/Decode")
     async def Decode(self, request: pb.DecodeRequest, context=None) -> pb.DecodeResponse:
         check_id("session_id", request.session_id)
         check_id("tenant_id", request.tenant_id)

@@ -46,6 +46,7 @@ from services.common.errors import (
 )
 from services.common.protos import Limit, pb
 from services.common.session_store import Claim, SessionStore, check_id
+from services.common.telemetry import metrics, rpc_span
 from services.common.tensors import decode_torch, encode
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,19 @@ class Generation:
 
 
 class SessionTable:
-    """Per-replica session caches within a count and a byte budget; never evicts a live session."""
+    """Per-replica session caches within a count and a byte budget; never evicts a live session.
 
-    def __init__(self, max_sessions: int, budget_bytes: int) -> None:
+    `on_change(table)` is called after every add and drop (the replica's load gauges).
+    """
+
+    def __init__(
+        self, max_sessions: int, budget_bytes: int, on_change: Callable[[SessionTable], None] | None = None
+    ) -> None:
         self.max_sessions = max_sessions
         self.budget_bytes = budget_bytes
         self.sessions: dict[str, Generation] = {}
+        self.on_change = on_change
+        self._changed()
 
     @property
     def bytes_used(self) -> int:
@@ -118,9 +126,16 @@ class SessionTable:
     def add(self, session_id: str, generation: Generation) -> None:
         self.check_room(generation.nbytes)
         self.sessions[session_id] = generation
+        self._changed()
 
     def drop(self, session_id: str) -> Generation | None:
-        return self.sessions.pop(session_id, None)
+        generation = self.sessions.pop(session_id, None)
+        self._changed()
+        return generation
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
 
 
 def _setup_blob(reference_motion: torch.Tensor, options: StreamOptions, seed: int, frame_offset: int) -> bytes:
@@ -148,7 +163,7 @@ class GeneratorServicer:
         self.config = sampler.model.config
         self.store = store
         self.replica_id = replica_id
-        self.table = SessionTable(max_sessions, budget_bytes)
+        self.table = SessionTable(max_sessions, budget_bytes, on_change=self._report_load)
         self.run_blocks = run_blocks or (lambda requests: asyncio.to_thread(sampler.run, requests))
 
     # -- RPCs ----------------------------------------------------------------------------
@@ -187,6 +202,7 @@ class GeneratorServicer:
             first_output_after=options.block if options.warm_start else window,
         )
 
+    @rpc_span("avatar_forcing.v1.MotionGenerator/GenerateBlock")
     async def GenerateBlock(self, request: pb.GenerateBlockRequest, context=None) -> pb.GenerateBlockResponse:
         check_id("session_id", request.session_id)
         check_id("tenant_id", request.tenant_id)
@@ -278,6 +294,9 @@ class GeneratorServicer:
         return sorted(gone)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _report_load(self, table: SessionTable) -> None:
+        metrics().set_generator_load(self.replica_id, len(table.sessions), table.bytes_used)
 
     async def _ensure_record(self, request: pb.OpenSessionRequest) -> None:
         """Callers of the generator API alone (no gateway, no ingress) get a session record here."""

@@ -7,12 +7,15 @@ servicers themselves in tests). The path of block k:
                    ─▶ generate(k) on the session's generator replica (in order)
                    ─▶ decode(k) (in order) ─▶ AvatarFrame messages with their audio slices
 
-prepare(k+1) runs while k generates and k−1 decodes. Timeline: frame i covers the
-samples [640 i, 640 (i+1)) of every audio source and the camera frame nearest
-i * 40 ms. The media horizon is how far the user's (real-time) media has arrived —
-or the avatar audio's, when no user media comes at all; gaps are silence, missing
-camera frames repeat the previous one. Block k is complete once the horizon passes
-its last frame plus the audio encoder's look-ahead, or at EndOfInput.
+prepare(k+1) runs while k generates and k−1 decodes. Each block is one trace: a root span
+`block` with a child span per stage call, whose traceparent the call carries to the
+servicer, and its latency and real-time factor are metrics (`services.common.telemetry`).
+
+Timeline: frame i covers the samples [640 i, 640 (i+1)) of every audio source and the
+camera frame nearest i * 40 ms. The media horizon is how far the user's (real-time)
+media has arrived — or the avatar audio's, when no user media comes at all; gaps are
+silence, missing camera frames repeat the previous one. Block k is complete once the
+horizon passes its last frame plus the audio encoder's look-ahead, or at EndOfInput.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from avatar_forcing.streaming_audio import DEFAULT_LEFT_CONTEXT_S, DEFAULT_LOOKA
 from services.common.errors import ServiceError, ValidationError, error_fields
 from services.common.protos import Limit, pb
 from services.common.session_store import SessionStore, check_id
+from services.common.telemetry import BlockTrace, metrics
 from services.common.tensors import decode as decode_tensor
 from services.common.tensors import encode
 from services.ingress.policy import HELD_FRAME, REDUCED_NFE, RealtimePolicy
@@ -105,6 +109,7 @@ class PendingBlock:
     ready_at: float  # monotonic time its input was complete
     features: asyncio.Task | None = None  # -> (avatar_audio, user_audio, user_motion) tensors
     last: bool = False
+    trace: BlockTrace | None = None  # its trace (root span `block`) and metrics
 
 
 @dataclass
@@ -290,6 +295,7 @@ class SessionPipeline:
             raise ValidationError("video.timestamp_us", f"got {video.timestamp_us}; expected >= 0")
         index = (video.timestamp_us + FRAME_US // 2) // FRAME_US
         if index < self.state.next_block_frame:
+            metrics().count_dropped("late_video")
             return  # older than the generation cursor: dropped, as the contract says
         self.state.frames[index] = decode_image(video.image, "video.image")
         self.state.video_end = max(self.state.video_end, (index + 1) * SAMPLES_PER_FRAME)
@@ -335,7 +341,8 @@ class SessionPipeline:
                 return None
             frames, last = ctx.block, False
         s.next_block_frame = first + frames
-        block = PendingBlock(first, frames, time.monotonic(), last=last)
+        trace = BlockTrace(ctx.session_id, ctx.tenant_id, first, frames, last)
+        block = PendingBlock(first, frames, time.monotonic(), last=last, trace=trace)
         crops = self._user_crops(first, frames)
         block.features = asyncio.create_task(self._features(ctx, block, crops, total if s.ended else None))
         return block
@@ -356,26 +363,27 @@ class SessionPipeline:
             return None  # no face yet: the user's motion condition stays absent (zeros)
 
     async def _features(self, ctx: SessionContext, block: PendingBlock, crops: np.ndarray | None, total: int | None):
-        avatar, user = (
-            self._extract(ctx, timeline, block.first, block.frames, total)
-            for timeline in (self.state.avatar, self.state.user)
-        )
+        avatar, user = (self._extract(ctx, block, timeline, total) for timeline in (self.state.avatar, self.state.user))
         if crops is None:
             motion = _zeros(block.frames)
         else:
-            motion = self.stages.encode_user_motion(
+            motion = self._call(
+                block,
+                "motion_encoder",
+                self.stages.encode_user_motion,
                 pb.EncodeUserMotionRequest(
                     session_id=ctx.session_id,
                     tenant_id=ctx.tenant_id,
                     first_frame=block.first,
                     crops=encode(crops, "crops", max_bytes=Limit.MAX_CROPS_TENSOR_BYTES),
-                )
+                ),
             )
         avatar_r, user_r, motion_r = await asyncio.gather(avatar, user, motion)
         return avatar_r.features, user_r.features, motion_r.latents
 
-    def _extract(self, ctx: SessionContext, timeline: AudioTimeline, first: int, frames: int, total: int | None):
-        """The bounded window the streaming audio encoder would use for these frames."""
+    def _extract(self, ctx: SessionContext, block: PendingBlock, timeline: AudioTimeline, total: int | None):
+        """The bounded window the streaming audio encoder would use for the block's frames (read now)."""
+        first, frames = block.first, block.frames
         left = round(self.settings.left_context_s * Limit.FPS)
         start = max(0, first - left)
         end = first + frames + self.settings.lookahead_frames
@@ -384,7 +392,10 @@ class SessionPipeline:
             end = min(end, total)
         stop = min(end * SAMPLES_PER_FRAME, received)
         window = timeline.read(start * SAMPLES_PER_FRAME, stop).astype(np.float32) / 32768.0
-        return self.stages.extract(
+        return self._call(
+            block,
+            "audio_features",
+            self.stages.extract,
             pb.ExtractFeaturesRequest(
                 session_id=ctx.session_id,
                 tenant_id=ctx.tenant_id,
@@ -394,8 +405,15 @@ class SessionPipeline:
                 first_frame=first,
                 num_frames=frames,
                 left_context_samples=(first - start) * SAMPLES_PER_FRAME,
-            )
+            ),
+            source=timeline.name,
         )
+
+    async def _call(self, block: PendingBlock, stage: str, call: Call, request, **attributes):
+        """One stage call for a block: a child span of the block's, whose traceparent the request carries."""
+        with block.trace.stage(stage, **attributes) as traceparent:
+            request.traceparent = traceparent
+            return await call(request)
 
     async def _generate(self, ctx: SessionContext) -> None:
         """Blocks in order: generate, then hand the latents to the in-order decoder."""
@@ -404,6 +422,7 @@ class SessionPipeline:
         decodes: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
         emitter = asyncio.create_task(self._emit(ctx, decodes))
         next_input = 0
+        block: PendingBlock | None = None
         try:
             while True:
                 while (block := self._next_ready_block(ctx)) is not None:
@@ -417,7 +436,10 @@ class SessionPipeline:
                 block = queue.pop(0)
                 decision = policy.decide(backlog=len(queue)) if self.settings.degrade else policy.decide(0)
                 avatar, user, motion = await block.features
-                response = await self.stages.generate_block(
+                response = await self._call(
+                    block,
+                    "generate",
+                    self.stages.generate_block,
                     pb.GenerateBlockRequest(
                         session_id=ctx.session_id,
                         tenant_id=ctx.tenant_id,
@@ -428,16 +450,28 @@ class SessionPipeline:
                         max_nfe=decision.max_nfe,
                         end_of_input=block.last and self.state.ended,
                         hold=decision.hold,
-                    )
+                    ),
                 )
                 next_input = response.next_input_frame
                 level = HELD_FRAME if response.held else (REDUCED_NFE if response.nfe_used < ctx.nfe else 0)
-                if response.latents.shape and response.latents.shape[0]:
+                output = response.latents.shape[0] if response.latents.shape else 0
+                block.trace.generated(
+                    nfe_used=response.nfe_used,
+                    level=level,
+                    output_first_frame=response.first_frame,
+                    output_frames=output,
+                )
+                if output:
                     task = asyncio.create_task(self._decode(ctx, response, block, level))
                     await decodes.put(task)
                     if self.settings.degrade:
                         policy.observe(time.monotonic() - block.ready_at)
+                else:
+                    block.trace.end()  # the first window still filling: no frames of its own
         except BaseException as exc:
+            for pending in (block, *queue):  # blocks not handed to a decode task end here
+                if pending is not None:
+                    pending.trace.end(exc)
             if not isinstance(exc, asyncio.CancelledError):
                 await decodes.put(None)
                 await self.out.put(exc)
@@ -450,7 +484,10 @@ class SessionPipeline:
         frames: list[pb.ServerMessage] = []
         for offset in range(0, latents.shape[0], DECODE_CHUNK):
             chunk = latents[offset : offset + DECODE_CHUNK]
-            decoded = await self.stages.decode(
+            decoded = await self._call(
+                block,
+                "decode",
+                self.stages.decode,
                 pb.DecodeRequest(
                     session_id=ctx.session_id,
                     tenant_id=ctx.tenant_id,
@@ -459,7 +496,9 @@ class SessionPipeline:
                     first_frame=response.first_frame + offset,
                     format=ctx.output_format,
                     quality=ctx.jpeg_quality,
-                )
+                ),
+                first_frame=response.first_frame + offset,
+                frames=chunk.shape[0],
             )
             latency_ms = (time.monotonic() - block.ready_at) * 1000
             for item in decoded.frames:
@@ -481,6 +520,7 @@ class SessionPipeline:
                         )
                     )
                 )
+        block.trace.frames_ready(len(frames), level, time.monotonic() - block.ready_at)
         return frames
 
     async def _emit(self, ctx: SessionContext, decodes: asyncio.Queue) -> None:

@@ -31,6 +31,7 @@ from services.common.config import Settings
 from services.common.errors import ValidationError
 from services.common.protos import Limit, pb
 from services.common.session_store import SessionStore, check_id
+from services.common.telemetry import rpc_span
 from services.common.tensors import decode, encode
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class MotionEncoderServicer:
 
     # -- RPCs ----------------------------------------------------------------------------
 
+    @rpc_span("avatar_forcing.v1.MotionEncoder/EncodeUserMotion")
     async def EncodeUserMotion(self, request: pb.EncodeUserMotionRequest, context=None) -> pb.EncodeUserMotionResponse:
         check_message_size(request)
         check_id("session_id", request.session_id)

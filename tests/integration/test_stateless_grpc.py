@@ -130,7 +130,7 @@ def expect_invalid(call: Any, request: Any, application: str, field: str) -> Non
 
 
 def test_extract_matches_the_in_process_features(channel) -> None:
-    from services.audio_features.servicer import window_features
+    from avatar_forcing.streaming_audio import window_features
     from services.common.model_loader import load_model
 
     stub = pb_grpc.AudioFeaturesStub(channel)
@@ -209,11 +209,6 @@ def test_handle_callers_get_typed_errors(serve_app) -> None:
         decoder.Decode.remote(unknown).result(timeout_s=30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services.common.errors.ValidationError does not survive pickling (its __init__ takes (field, message) "
-    "but pickle re-creates it from args), so a handle caller gets ray.exceptions.UnserializableException",
-)
 def test_handle_callers_get_validation_errors(serve_app) -> None:
     from ray import serve
 

@@ -1,0 +1,55 @@
+"""`avatar-forcing generate`: an mp4 with the avatar's audio; clear errors for missing inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from avatar_forcing.cli import main
+from avatar_forcing.media import load_audio, read_video, save_audio, write_video
+
+SAMPLES = Path(__file__).parents[2] / "samples"
+
+
+@pytest.fixture(scope="module")
+def short_inputs(tmp_path_factory):
+    """1.6 s of the sample speech and user video (the first window plus a block and a partial one)."""
+    root = tmp_path_factory.mktemp("inputs")
+    speech = load_audio(SAMPLES / "avatar_speech.wav")[: int(1.62 * 16000)]
+    save_audio(root / "speech.wav", speech)
+    clip = read_video(SAMPLES / "user.mp4")
+    write_video(root / "user.mp4", clip.frames[:30], audio=clip.audio[: 30 * 640])
+    return root, speech.shape[0]
+
+
+def test_generate_writes_an_mp4_with_the_avatar_audio(short_inputs, capsys):
+    root, samples = short_inputs
+    out = root / "out.mp4"
+    code = main([
+        "generate", "--random-init", "--config", "tiny", "--portrait", str(SAMPLES / "portrait.png"),
+        "--avatar-audio", str(root / "speech.wav"), "--user-video", str(root / "user.mp4"), "--out", str(out),
+        "--side-by-side", "--quiet", "--nfe", "4",
+    ])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "RANDOM WEIGHTS" in captured.err  # loud
+    video = read_video(out)
+    frames = -(-samples * 25 // 16000)  # the avatar audio sets the length
+    assert video.num_frames == frames
+    assert video.frames.shape[1] == 64 and video.frames.shape[2] > 64  # the user beside the avatar
+    assert video.audio is not None and abs(video.audio.shape[0] - samples) < 2048
+    assert np.abs(video.audio).max() > 0.01
+
+
+def test_missing_weights_and_missing_files_are_clear_errors(short_inputs, capsys):
+    root, _ = short_inputs
+    args = ["generate", "--portrait", str(SAMPLES / "portrait.png"), "--avatar-audio", str(root / "speech.wav"),
+            "--user-video", str(root / "user.mp4"), "--out", str(root / "x.mp4")]
+    with pytest.raises(SystemExit, match=r"no weights.*--weights DIR.*--random-init"):
+        main(args)
+    with pytest.raises(SystemExit, match=r"--portrait .*nowhere\.png: file not found"):
+        main([*args[:1], "--portrait", str(root / "nowhere.png"), *args[3:], "--random-init"])
+    assert main([*args, "--weights", str(root / "no-weights")]) == 2
+    assert "avatar-forcing convert" in capsys.readouterr().err
