@@ -6,4 +6,5 @@ bash scripts/install.sh
 bash scripts/ensure-redis.sh
 . .venv/bin/activate
 ruff check .
+ruff format --check .
 python -m pytest -q "$@"

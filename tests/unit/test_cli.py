@@ -27,11 +27,26 @@ def short_inputs(tmp_path_factory):
 def test_generate_writes_an_mp4_with_the_avatar_audio(short_inputs, capsys):
     root, samples = short_inputs
     out = root / "out.mp4"
-    code = main([
-        "generate", "--random-init", "--config", "tiny", "--portrait", str(SAMPLES / "portrait.png"),
-        "--avatar-audio", str(root / "speech.wav"), "--user-video", str(root / "user.mp4"), "--out", str(out),
-        "--side-by-side", "--quiet", "--nfe", "4",
-    ])
+    code = main(
+        [
+            "generate",
+            "--random-init",
+            "--config",
+            "tiny",
+            "--portrait",
+            str(SAMPLES / "portrait.png"),
+            "--avatar-audio",
+            str(root / "speech.wav"),
+            "--user-video",
+            str(root / "user.mp4"),
+            "--out",
+            str(out),
+            "--side-by-side",
+            "--quiet",
+            "--nfe",
+            "4",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert "RANDOM WEIGHTS" in captured.err  # loud
@@ -45,8 +60,17 @@ def test_generate_writes_an_mp4_with_the_avatar_audio(short_inputs, capsys):
 
 def test_missing_weights_and_missing_files_are_clear_errors(short_inputs, capsys):
     root, _ = short_inputs
-    args = ["generate", "--portrait", str(SAMPLES / "portrait.png"), "--avatar-audio", str(root / "speech.wav"),
-            "--user-video", str(root / "user.mp4"), "--out", str(root / "x.mp4")]
+    args = [
+        "generate",
+        "--portrait",
+        str(SAMPLES / "portrait.png"),
+        "--avatar-audio",
+        str(root / "speech.wav"),
+        "--user-video",
+        str(root / "user.mp4"),
+        "--out",
+        str(root / "x.mp4"),
+    ]
     with pytest.raises(SystemExit, match=r"no weights.*--weights DIR.*--random-init"):
         main(args)
     with pytest.raises(SystemExit, match=r"--portrait .*nowhere\.png: file not found"):
