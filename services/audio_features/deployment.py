@@ -17,15 +17,10 @@ from typing import Any
 from ray import serve
 
 from services.audio_features.servicer import AudioFeaturesServicer
+from services.common import rpc
 from services.common.config import Settings
-from services.common.errors import serve_errors
 from services.common.model_loader import load_model
 from services.common.protos import audio_features_pb2
-
-
-@serve_errors(audio_features_pb2.ExtractFeaturesResponse)
-async def _extract(servicer: AudioFeaturesServicer, request: Any, grpc_context: Any) -> Any:
-    return await servicer.Extract(request, grpc_context)
 
 
 @serve.deployment(name="audio_features", ray_actor_options={"num_cpus": 0.5})
@@ -35,9 +30,7 @@ class AudioFeatures:
         self.servicer = AudioFeaturesServicer(load_model(self.settings), None, self.settings)
 
     async def Extract(self, request, grpc_context=None):
-        if grpc_context is None:
-            return await self.servicer.Extract(request)
-        return await _extract(self.servicer, request, grpc_context)
+        return await rpc.call(self.servicer.Extract, request, grpc_context, audio_features_pb2.ExtractFeaturesResponse)
 
     async def check_health(self) -> None:
         pass  # stateless: a replica that answers is healthy

@@ -2,7 +2,7 @@
 
 Every error a service raises on purpose is a `ServiceError` subclass that carries its gRPC
 status code; messages name the field, the value and what was expected. Handlers map errors
-to statuses with `grpc_errors` (grpc.aio servicers) or `serve_errors` (Ray Serve gRPC
+to statuses with `grpc_errors` (grpc.aio servicers) or `services.common.rpc.call` (Ray Serve gRPC
 deployments, whose context has no `abort`); clients map a failed call back with `from_rpc_error`.
 
     ValidationError          INVALID_ARGUMENT     bad input (also: a plain ValueError from avatar_forcing)
@@ -218,27 +218,6 @@ def set_status(context: Any, exc: BaseException) -> tuple[grpc.StatusCode, str]:
     context.set_code(code)
     context.set_details(message)
     return code, message
-
-
-def serve_errors(response: Callable[[], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate an async Ray Serve gRPC method taking `grpc_context`: on error set the status and
-    return `response()` (an empty message of the method's response type)."""
-
-    def decorate(handler: Callable[..., Any]) -> Callable[..., Any]:
-        where = handler.__qualname__
-
-        @functools.wraps(handler)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await handler(*args, **kwargs)
-            except Exception as exc:
-                _log(exc, where)
-                set_status(_find_context(args, kwargs), exc)
-                return response()
-
-        return wrapper
-
-    return decorate
 
 
 def from_rpc_error(error: grpc.RpcError) -> ServiceError:

@@ -17,17 +17,12 @@ from typing import Any
 
 from ray import serve
 
+from services.common import rpc
 from services.common.config import Settings
-from services.common.errors import serve_errors
 from services.common.model_loader import load_model
 from services.common.protos import decoder_pb2
 from services.common.session_store import SessionStore
 from services.decoder.servicer import DecoderServicer
-
-
-@serve_errors(decoder_pb2.DecodeResponse)
-async def _decode(servicer: DecoderServicer, request: Any, grpc_context: Any) -> Any:
-    return await servicer.Decode(request, grpc_context)
 
 
 @serve.deployment(name="decoder", ray_actor_options={"num_cpus": 0.5})
@@ -38,9 +33,7 @@ class FrameDecoder:
         self.servicer = DecoderServicer(load_model(self.settings), self.store, self.settings)
 
     async def Decode(self, request, grpc_context=None):
-        if grpc_context is None:
-            return await self.servicer.Decode(request)
-        return await _decode(self.servicer, request, grpc_context)
+        return await rpc.call(self.servicer.Decode, request, grpc_context, decoder_pb2.DecodeResponse)
 
     async def check_health(self) -> None:
         pass  # Redis trouble is answered per request (UNAVAILABLE); restarting the replica would not help

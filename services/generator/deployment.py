@@ -19,6 +19,7 @@ from avatar_forcing.block_sampler import BlockRequest, BlockResult
 from services.common import rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
+from services.common.protos import generator_pb2
 from services.common.session_store import SessionStore
 from services.generator.router import SessionAffinityRouter
 from services.generator.servicer import GeneratorServicer
@@ -54,14 +55,14 @@ class Generator:
 
     async def OpenSession(self, request, grpc_context=None):
         self._start_upkeep()
-        return await rpc.call(self.servicer.OpenSession, request, grpc_context)
+        return await rpc.call(self.servicer.OpenSession, request, grpc_context, generator_pb2.OpenSessionResponse)
 
     async def GenerateBlock(self, request, grpc_context=None):
         self._start_upkeep()
-        return await rpc.call(self.servicer.GenerateBlock, request, grpc_context)
+        return await rpc.call(self.servicer.GenerateBlock, request, grpc_context, generator_pb2.GenerateBlockResponse)
 
     async def CloseSession(self, request, grpc_context=None):
-        return await rpc.call(self.servicer.CloseSession, request, grpc_context)
+        return await rpc.call(self.servicer.CloseSession, request, grpc_context, generator_pb2.CloseSessionResponse)
 
     def record_routing_stats(self) -> dict:
         return self.servicer.routing_stats()

@@ -19,7 +19,7 @@ from services.common import rpc
 from services.common.auth import tenant_from_grpc_metadata
 from services.common.config import Settings
 from services.common.errors import ServiceError, TenantMismatchError, UnavailableError, set_status
-from services.common.protos import pb
+from services.common.protos import audio_features_pb2, decoder_pb2, generator_pb2, motion_encoder_pb2, pb
 from services.common.session_store import SessionStore
 from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
 
@@ -108,27 +108,35 @@ class SessionIngress:
     # then forwarded to the deployment (generator calls pinned to the session's replica).
 
     async def Extract(self, request, grpc_context=None):
-        return await self._forward(self.stages.extract, request, grpc_context)
+        return await self._forward(
+            self.stages.extract, request, grpc_context, audio_features_pb2.ExtractFeaturesResponse
+        )
 
     async def EncodeUserMotion(self, request, grpc_context=None):
-        return await self._forward(self.stages.encode_user_motion, request, grpc_context)
+        return await self._forward(
+            self.stages.encode_user_motion, request, grpc_context, motion_encoder_pb2.EncodeUserMotionResponse
+        )
 
     async def EncodePortrait(self, request, grpc_context=None):
-        return await self._forward(self.stages.encode_portrait, request, grpc_context)
+        return await self._forward(
+            self.stages.encode_portrait, request, grpc_context, motion_encoder_pb2.EncodePortraitResponse
+        )
 
     async def OpenSession(self, request, grpc_context=None):
-        return await self._forward(self.stages.open_session, request, grpc_context)
+        return await self._forward(self.stages.open_session, request, grpc_context, generator_pb2.OpenSessionResponse)
 
     async def GenerateBlock(self, request, grpc_context=None):
-        return await self._forward(self.stages.generate_block, request, grpc_context)
+        return await self._forward(
+            self.stages.generate_block, request, grpc_context, generator_pb2.GenerateBlockResponse
+        )
 
     async def CloseSession(self, request, grpc_context=None):
-        return await self._forward(self.stages.close_session, request, grpc_context)
+        return await self._forward(self.stages.close_session, request, grpc_context, generator_pb2.CloseSessionResponse)
 
     async def Decode(self, request, grpc_context=None):
-        return await self._forward(self.stages.decode, request, grpc_context)
+        return await self._forward(self.stages.decode, request, grpc_context, decoder_pb2.DecodeResponse)
 
-    async def _forward(self, stage, request, grpc_context):
+    async def _forward(self, stage, request, grpc_context, empty: type):
         async def authorized(message):
             if grpc_context is not None:
                 tenant = tenant_from_grpc_metadata(grpc_context.invocation_metadata())
@@ -136,7 +144,7 @@ class SessionIngress:
                     raise TenantMismatchError("tenant_id", message.tenant_id, tenant)
             return await stage(message)
 
-        return await rpc.call(authorized, request, grpc_context)
+        return await rpc.call(authorized, request, grpc_context, empty)
 
 
 async def _prepend(first, rest):

@@ -16,22 +16,12 @@ from typing import Any
 
 from ray import serve
 
+from services.common import rpc
 from services.common.config import Settings
-from services.common.errors import serve_errors
 from services.common.model_loader import load_model
 from services.common.protos import motion_encoder_pb2
 from services.common.session_store import SessionStore
 from services.motion_encoder.servicer import MotionEncoderServicer
-
-
-@serve_errors(motion_encoder_pb2.EncodeUserMotionResponse)
-async def _encode_user_motion(servicer: MotionEncoderServicer, request: Any, grpc_context: Any) -> Any:
-    return await servicer.EncodeUserMotion(request, grpc_context)
-
-
-@serve_errors(motion_encoder_pb2.EncodePortraitResponse)
-async def _encode_portrait(servicer: MotionEncoderServicer, request: Any, grpc_context: Any) -> Any:
-    return await servicer.EncodePortrait(request, grpc_context)
 
 
 @serve.deployment(name="motion_encoder", ray_actor_options={"num_cpus": 0.5})
@@ -42,14 +32,14 @@ class MotionEncoder:
         self.servicer = MotionEncoderServicer(load_model(self.settings), self.store, self.settings)
 
     async def EncodeUserMotion(self, request, grpc_context=None):
-        if grpc_context is None:
-            return await self.servicer.EncodeUserMotion(request)
-        return await _encode_user_motion(self.servicer, request, grpc_context)
+        return await rpc.call(
+            self.servicer.EncodeUserMotion, request, grpc_context, motion_encoder_pb2.EncodeUserMotionResponse
+        )
 
     async def EncodePortrait(self, request, grpc_context=None):
-        if grpc_context is None:
-            return await self.servicer.EncodePortrait(request)
-        return await _encode_portrait(self.servicer, request, grpc_context)
+        return await rpc.call(
+            self.servicer.EncodePortrait, request, grpc_context, motion_encoder_pb2.EncodePortraitResponse
+        )
 
     async def check_health(self) -> None:
         pass  # Redis trouble is answered per request (UNAVAILABLE); restarting the replica would not help
