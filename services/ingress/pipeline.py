@@ -148,6 +148,9 @@ class SessionPipeline:
         self.face = FaceTrack(FaceCropper(settings.image_size), settings.face_detect_every)
         self.out: asyncio.Queue[pb.ServerMessage | None] = asyncio.Queue()
         self.input_event = asyncio.Event()
+        # Blocks whose input is complete, in order; None after the last. Filled as input arrives,
+        # so each block's features start at once and its `ready_at` is when its input completed.
+        self.ready: asyncio.Queue[PendingBlock | None] = asyncio.Queue()
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -170,6 +173,7 @@ class SessionPipeline:
         )
         tasks = [
             asyncio.create_task(self._read(requests, ctx)),
+            asyncio.create_task(self._schedule(ctx)),
             asyncio.create_task(self._generate(ctx)),
             asyncio.create_task(self._heartbeat(ctx)),
         ]
@@ -415,26 +419,28 @@ class SessionPipeline:
             request.traceparent = traceparent
             return await call(request)
 
+    async def _schedule(self, ctx: SessionContext) -> None:
+        """Queue each block as soon as its input is complete (its features start right away)."""
+        while True:
+            await self.input_event.wait()
+            self.input_event.clear()  # input arriving from here on sets it again
+            while (block := self._next_ready_block(ctx)) is not None:
+                await self.ready.put(block)
+            if self.state.ended:
+                await self.ready.put(None)
+                return
+
     async def _generate(self, ctx: SessionContext) -> None:
         """Blocks in order: generate, then hand the latents to the in-order decoder."""
         policy = RealtimePolicy(ctx.nfe, self.settings.latency_budget_s)
-        queue: list[PendingBlock] = []
         decodes: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
         emitter = asyncio.create_task(self._emit(ctx, decodes))
         next_input = 0
         block: PendingBlock | None = None
         try:
-            while True:
-                while (block := self._next_ready_block(ctx)) is not None:
-                    queue.append(block)
-                if not queue:
-                    if self.state.ended and self._next_ready_block(ctx) is None:
-                        break
-                    self.input_event.clear()
-                    await self.input_event.wait()
-                    continue
-                block = queue.pop(0)
-                decision = policy.decide(backlog=len(queue)) if self.settings.degrade else policy.decide(0)
+            while (block := await self.ready.get()) is not None:
+                backlog = self.ready.qsize()  # complete blocks waiting behind this one
+                decision = policy.decide(backlog=backlog) if self.settings.degrade else policy.decide(0)
                 avatar, user, motion = await block.features
                 response = await self._call(
                     block,
@@ -462,14 +468,13 @@ class SessionPipeline:
                     output_frames=output,
                 )
                 if output:
-                    task = asyncio.create_task(self._decode(ctx, response, block, level))
-                    await decodes.put(task)
-                    if self.settings.degrade:
-                        policy.observe(time.monotonic() - block.ready_at)
+                    observe = policy.observe if self.settings.degrade else None
+                    await decodes.put(asyncio.create_task(self._decode(ctx, response, block, level, observe)))
                 else:
                     block.trace.end()  # the first window still filling: no frames of its own
         except BaseException as exc:
-            for pending in (block, *queue):  # blocks not handed to a decode task end here
+            waiting = [self.ready.get_nowait() for _ in range(self.ready.qsize())]
+            for pending in (block, *waiting):  # blocks not handed to a decode task end here
                 if pending is not None:
                     pending.trace.end(exc)
             if not isinstance(exc, asyncio.CancelledError):
@@ -479,8 +484,13 @@ class SessionPipeline:
         await decodes.put(None)
         await emitter
 
-    async def _decode(self, ctx: SessionContext, response, block: PendingBlock, level: int) -> list[pb.ServerMessage]:
+    async def _decode(
+        self, ctx: SessionContext, response, block: PendingBlock, level: int, observe=None
+    ) -> list[pb.ServerMessage]:
         latents = decode_tensor(response.latents, "latents")
+        count = latents.shape[0]
+        if response.held:  # every latent of a dropped block is the last frame: decode it once
+            latents = latents[:1]
         frames: list[pb.ServerMessage] = []
         for offset in range(0, latents.shape[0], DECODE_CHUNK):
             chunk = latents[offset : offset + DECODE_CHUNK]
@@ -501,7 +511,12 @@ class SessionPipeline:
                 frames=chunk.shape[0],
             )
             latency_ms = (time.monotonic() - block.ready_at) * 1000
-            for item in decoded.frames:
+            items = decoded.frames
+            if response.held:
+                items = [
+                    pb.DecodedFrame(frame_index=response.first_frame + i, image=items[0].image) for i in range(count)
+                ]
+            for item in items:
                 index = item.frame_index
                 audio = self.state.avatar.read(index * SAMPLES_PER_FRAME, (index + 1) * SAMPLES_PER_FRAME)
                 frames.append(
@@ -520,7 +535,10 @@ class SessionPipeline:
                         )
                     )
                 )
-        block.trace.frames_ready(len(frames), level, time.monotonic() - block.ready_at)
+        latency = time.monotonic() - block.ready_at
+        block.trace.frames_ready(len(frames), level, latency)
+        if observe is not None:
+            observe(latency)
         return frames
 
     async def _emit(self, ctx: SessionContext, decodes: asyncio.Queue) -> None:
