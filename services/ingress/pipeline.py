@@ -40,7 +40,7 @@ from services.common.session_store import SessionStore, check_id
 from services.common.telemetry import BlockTrace, metrics
 from services.common.tensors import decode as decode_tensor
 from services.common.tensors import encode
-from services.ingress.policy import HELD_FRAME, REDUCED_NFE, RealtimePolicy
+from services.ingress.policy import HELD_FRAME, REDUCED_NFE, Decision, RealtimePolicy
 
 log = logging.getLogger(__name__)
 FRAME_US = 1_000_000 // Limit.FPS
@@ -69,6 +69,10 @@ class IngressSettings:
     degrade: bool = True  # the real-time policy; off: every block at full quality, however late
     face_detect_every: int = 5
     video_grace_frames: int = 5  # how far the camera may lag the microphone before its frames are held
+    # Beyond this many complete blocks waiting, a block is held without computing its features
+    # (absent conditions): under overload even the feature stages cannot make latency grow.
+    max_backlog_with_features: int = 3
+    prefetch_blocks: int = 3  # blocks with features computed or in flight: k (generating), k+1, k+2
     heartbeat_s: float = 5.0
 
 
@@ -110,6 +114,7 @@ class PendingBlock:
     features: asyncio.Task | None = None  # -> (avatar_audio, user_audio, user_motion) tensors
     last: bool = False
     trace: BlockTrace | None = None  # its trace (root span `block`) and metrics
+    has_slot: bool = False  # holds one of the pipeline's feature slots
 
 
 @dataclass
@@ -151,6 +156,7 @@ class SessionPipeline:
         # Blocks whose input is complete, in order; None after the last. Filled as input arrives,
         # so each block's features start at once and its `ready_at` is when its input completed.
         self.ready: asyncio.Queue[PendingBlock | None] = asyncio.Queue()
+        self.feature_slots = asyncio.Semaphore(settings.prefetch_blocks)
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -382,6 +388,15 @@ class SessionPipeline:
                     crops=encode(crops, "crops", max_bytes=Limit.MAX_CROPS_TENSOR_BYTES),
                 ),
             )
+        # The windows were read above. The calls wait for one of `prefetch_blocks` slots, held until
+        # the generator is done with the block: features run at most that far ahead of generation,
+        # and a block dropped from a deep backlog never computes them.
+        await self.feature_slots.acquire()
+        block.has_slot = True
+        if self._too_far_behind(block):
+            for call in (avatar, user, motion):
+                call.close()  # never started
+            return None  # the generator holds this block with absent conditions
         avatar_r, user_r, motion_r = await asyncio.gather(avatar, user, motion)
         return avatar_r.features, user_r.features, motion_r.latents
 
@@ -419,6 +434,13 @@ class SessionPipeline:
             request.traceparent = traceparent
             return await call(request)
 
+    def _too_far_behind(self, block: PendingBlock) -> bool:
+        """More than `max_backlog_with_features` complete blocks behind the live edge: hold, skip features."""
+        if not self.settings.degrade:
+            return False
+        behind = (self.state.next_block_frame - block.first - block.frames) // max(1, block.frames)
+        return behind > self.settings.max_backlog_with_features
+
     async def _schedule(self, ctx: SessionContext) -> None:
         """Queue each block as soon as its input is complete (its features start right away)."""
         while True:
@@ -439,39 +461,51 @@ class SessionPipeline:
         block: PendingBlock | None = None
         try:
             while (block := await self.ready.get()) is not None:
-                backlog = self.ready.qsize()  # complete blocks waiting behind this one
-                decision = policy.decide(backlog=backlog) if self.settings.degrade else policy.decide(0)
-                avatar, user, motion = await block.features
-                response = await self._call(
-                    block,
-                    "generate",
-                    self.stages.generate_block,
-                    pb.GenerateBlockRequest(
-                        session_id=ctx.session_id,
-                        tenant_id=ctx.tenant_id,
-                        first_frame=next_input,
-                        avatar_audio=avatar,
-                        user_audio=user,
-                        user_motion=motion,
-                        max_nfe=decision.max_nfe,
-                        end_of_input=block.last and self.state.ended,
-                        hold=decision.hold,
-                    ),
-                )
-                next_input = response.next_input_frame
-                level = HELD_FRAME if response.held else (REDUCED_NFE if response.nfe_used < ctx.nfe else 0)
-                output = response.latents.shape[0] if response.latents.shape else 0
-                block.trace.generated(
-                    nfe_used=response.nfe_used,
-                    level=level,
-                    output_first_frame=response.first_frame,
-                    output_frames=output,
-                )
-                if output:
-                    observe = policy.observe if self.settings.degrade else None
-                    await decodes.put(asyncio.create_task(self._decode(ctx, response, block, level, observe)))
-                else:
-                    block.trace.end()  # the first window still filling: no frames of its own
+                try:
+                    backlog = self.ready.qsize()  # complete blocks waiting behind this one
+                    decision = policy.decide(backlog=backlog) if self.settings.degrade else policy.decide(0)
+                    features = None if self._too_far_behind(block) else await block.features
+                    if features is None:
+                        block.features.cancel()
+                        avatar = user = motion = _zero_features(block.frames)
+                        decision = Decision(HELD_FRAME, 0, True)
+                    else:
+                        avatar, user, motion = features
+                    response = await self._call(
+                        block,
+                        "generate",
+                        self.stages.generate_block,
+                        pb.GenerateBlockRequest(
+                            session_id=ctx.session_id,
+                            tenant_id=ctx.tenant_id,
+                            first_frame=next_input,
+                            avatar_audio=avatar,
+                            user_audio=user,
+                            user_motion=motion,
+                            max_nfe=decision.max_nfe,
+                            end_of_input=block.last and self.state.ended,
+                            hold=decision.hold,
+                        ),
+                    )
+                    next_input = response.next_input_frame
+                    level = HELD_FRAME if response.held else (REDUCED_NFE if response.nfe_used < ctx.nfe else 0)
+                    output = response.latents.shape[0] if response.latents.shape else 0
+                    block.trace.generated(
+                        nfe_used=response.nfe_used,
+                        level=level,
+                        output_first_frame=response.first_frame,
+                        output_frames=output,
+                    )
+                    if output:
+                        observe = policy.observe if self.settings.degrade else None
+                        await decodes.put(asyncio.create_task(self._decode(ctx, response, block, level, observe)))
+                    else:
+                        block.trace.end()  # the first window still filling: no frames of its own
+                finally:
+                    if block.has_slot:
+                        self.feature_slots.release()
+                        block.has_slot = False
+
         except BaseException as exc:
             waiting = [self.ready.get_nowait() for _ in range(self.ready.qsize())]
             for pending in (block, *waiting):  # blocks not handed to a decode task end here
@@ -562,9 +596,14 @@ class SessionPipeline:
                 await self.store.close(ctx.session_id, ctx.tenant_id)
 
 
+def _zero_features(frames: int) -> pb.Tensor:
+    """Absent conditions for `frames` frames (what classifier-free guidance uses as 'no input')."""
+    return encode(np.zeros((frames, Limit.MOTION_DIM), np.float32), "features")
+
+
 def _zeros(frames: int) -> Awaitable:
     async def zeros():
-        return pb.EncodeUserMotionResponse(latents=encode(np.zeros((frames, Limit.MOTION_DIM), np.float32), "latents"))
+        return pb.EncodeUserMotionResponse(latents=_zero_features(frames))
 
     return zeros()
 

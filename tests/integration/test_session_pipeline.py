@@ -216,6 +216,39 @@ def test_a_slow_generator_degrades_the_session_which_recovers_and_stays_bounded(
     assert [f.frame_index for f in got] == list(range(240))  # held frames are still frames
     levels = [f.timing.degradation for f in got]
     assert {1, 2} & set(levels[10:90]), "the slow stretch degraded the session"
-    assert set(levels[-30:]) == {0}, "and it recovered to full quality"
+    assert max(levels[-30:]) < 2 and levels[-1] == 0, "and it recovered to full quality"
     latencies = [f.timing.block_latency_ms for f in got[::10]]
     assert max(latencies[-4:]) < 1000, latencies  # no unbounded queue behind the slow stretch
+
+
+def test_a_deep_backlog_holds_blocks_without_computing_their_features(model, media, redis_url, prefix):
+    """All input at once while the generator stalls: waiting blocks are held, features skipped."""
+    portrait_png, speech, user, frames = media
+    speech, user, frames = np.tile(speech, 3), np.tile(user, 3), np.concatenate([frames] * 3)  # 12 blocks
+
+    async def main():
+        store = SessionStore(redis_url, prefix=prefix)
+        stages = stages_for(model, store)
+        extract, generate, counts = stages.extract, stages.generate_block, {"extract": 0, "generate": 0}
+
+        async def counted_extract(request):
+            counts["extract"] += 1
+            return await extract(request)
+
+        async def stalled_generate(request):
+            counts["generate"] += 1
+            if counts["generate"] == 2:
+                await asyncio.sleep(1.5)  # every other block's input arrives meanwhile
+            return await generate(request)
+
+        stages.extract, stages.generate_block = counted_extract, stalled_generate
+        pipeline = SessionPipeline(stages, store, IngressSettings(image_size=64), "acme")
+        out = [m async for m in pipeline.run(iterate(client_messages(portrait_png, speech, user, frames, chunk=6400)))]
+        await store.aclose()
+        return [m.frame for m in out if m.WhichOneof("message") == "frame"], counts
+
+    got, counts = asyncio.run(main())
+    assert [f.frame_index for f in got] == list(range(120))
+    assert {f.timing.degradation for f in got} >= {2}
+    print("levels", [f.timing.degradation for f in got[::10]], counts)
+    assert counts["extract"] < 2 * 12  # some blocks never computed their audio features
