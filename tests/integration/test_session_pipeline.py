@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 from avatar_forcing.config import tiny
 from avatar_forcing.face_crop import FaceCropper
 from avatar_forcing.live_session import LiveSession
-from avatar_forcing.media import load_audio, read_video
 from avatar_forcing.model import random_model
 from avatar_forcing.motion_stream import StreamOptions
 from services.audio_features.servicer import AudioFeaturesServicer
@@ -25,26 +23,16 @@ from services.decoder.servicer import DecoderServicer
 from services.generator.servicer import GeneratorServicer
 from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
 from services.motion_encoder.servicer import MotionEncoderServicer
+from tests.integration.conftest import FRAMES
 from tests.redis_support import keys_with
 
 pytestmark = pytest.mark.integration
-SAMPLES = Path(__file__).parents[2] / "samples"
-FRAMES = 40
 SEED = 7
 
 
 @pytest.fixture(scope="module")
 def model():
     return random_model(tiny(), seed=0)
-
-
-@pytest.fixture(scope="module")
-def media():
-    portrait_png = (SAMPLES / "portrait.png").read_bytes()
-    speech = (load_audio(SAMPLES / "avatar_speech.wav")[: FRAMES * 640] * 32767).astype(np.int16)
-    clip = read_video(SAMPLES / "user.mp4")
-    user = (clip.audio[: FRAMES * 640] * 32767).astype(np.int16)
-    return portrait_png, speech, user, clip.frames[:FRAMES]
 
 
 def stages_for(model, store) -> Stages:

@@ -9,28 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from avatar_forcing.config import tiny
-from avatar_forcing.media import load_audio, read_video
 from avatar_forcing.model import random_model
 from services.common import telemetry
 from services.common.protos import pb
 from services.common.session_store import SessionStore
 from services.generator.servicer import session_bytes
 from services.ingress.pipeline import IngressSettings, SessionPipeline
+from tests.integration.conftest import FRAMES
 from tests.integration.test_session_pipeline import client_messages, iterate, stages_for
 
 pytestmark = pytest.mark.integration
-SAMPLES = Path(__file__).parents[2] / "samples"
-FRAMES = 40  # 4 blocks of 10
 TOKEN = "tok-SECRET-do-not-trace-5f3a"
 RPC_OF_STAGE = {
     "audio_features": "avatar_forcing.v1.AudioFeatures/Extract",
@@ -44,26 +37,6 @@ REDUCED_CALL, HELD_CALL = 3, 4  # GenerateBlock calls forced to degrade (the pol
 @pytest.fixture(scope="module")
 def model():
     return random_model(tiny(), seed=0)
-
-
-@pytest.fixture(scope="module")
-def media():
-    portrait_png = (SAMPLES / "portrait.png").read_bytes()
-    speech = (load_audio(SAMPLES / "avatar_speech.wav")[: FRAMES * 640] * 32767).astype(np.int16)
-    clip = read_video(SAMPLES / "user.mp4")
-    user = (clip.audio[: FRAMES * 640] * 32767).astype(np.int16)
-    return portrait_png, speech, user, clip.frames[:FRAMES]
-
-
-@pytest.fixture()
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry.set_tracer_provider(provider)
-    yield exporter
-    telemetry.set_tracer_provider(None)
-    provider.shutdown()
 
 
 def with_token(messages):

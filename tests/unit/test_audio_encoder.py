@@ -24,12 +24,7 @@ from tests.parity_weights import FIXTURE_DIR, fill_module
 ATOL = 1e-5  # fixture README, "Tolerances seen"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from avatar_forcing.streaming_audio import StreamingAudioFeatures
 NUM_SAMPLES = 12 * SAMPLES_PER_FRAME + 250  # 12.4 frames: the last one is partial
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,25 +9,12 @@ import sys
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.common import telemetry
 from services.common.errors import ValidationError
 from services.common.protos import pb
 from services.generator.servicer import SessionTable
-
-
-@pytest.fixture()
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    telemetry.set_tracer_provider(provider)
-    yield exporter
-    telemetry.set_tracer_provider(None)
-    provider.shutdown()
 
 
 @pytest.fixture()
