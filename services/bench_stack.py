@@ -42,8 +42,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from services.common import auth
-from services.launcher import REPO_ROOT, LocalRedis, ensure_redis, free_port
+from services.launcher import REPO_ROOT, LocalService, start_local
 
 SAMPLES_DIR = REPO_ROOT / "samples"
 APP_NAME = "avatar_forcing_bench"
@@ -111,22 +110,26 @@ def load_media(samples_dir: Path = SAMPLES_DIR) -> Media:
 
 @dataclass
 class BenchStack:
-    """A running local stack: Ray, Serve's gRPC proxy, the application, Redis (maybe our own)."""
+    """A running local stack (`services.launcher.start_local`) with this benchmark's Redis prefix."""
 
-    target: str  # Serve's gRPC proxy, 127.0.0.1:port
-    redis_url: str
+    service: LocalService
     prefix: str  # every Redis key of this stack starts with it
     config: str
     degrade: bool
     latency_budget_s: float
     generator_replicas: int
-    secret: str = field(repr=False)
-    _redis: LocalRedis | None = field(default=None, repr=False)
-    _restore_env: dict[str, str | None] = field(default_factory=dict, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
+    @property
+    def target(self) -> str:
+        return self.service.grpc_target  # Serve's gRPC proxy, 127.0.0.1:port
+
+    @property
+    def redis_url(self) -> str:
+        return self.service.redis_url
+
     def token(self, tenant: str = "bench", ttl_s: float = 3600.0) -> str:
-        return auth.mint_token(tenant, self.secret, ttl_s)
+        return self.service.mint_token(tenant, ttl_s)
 
     def metadata(self, tenant: str = "bench") -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token(tenant)}"),)
@@ -135,24 +138,12 @@ class BenchStack:
         if self._stopped:
             return
         self._stopped = True
-        import ray
-        from ray import serve
-
         try:
-            with _stdout_to_stderr():  # Ray's shutdown chatter goes to fd 1; keep stdout for the tables
-                with contextlib.suppress(Exception):
-                    serve.shutdown()
-                ray.shutdown()
-        finally:
             with contextlib.suppress(Exception):
                 delete_prefix(self.redis_url, self.prefix)
-            if self._redis is not None:
-                self._redis.stop()
-            for name, value in self._restore_env.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+        finally:
+            with _stdout_to_stderr():  # Ray's shutdown chatter goes to fd 1; keep stdout for the tables
+                self.service.stop()
 
     def __enter__(self) -> BenchStack:
         return self
@@ -192,77 +183,33 @@ def start_stack(
     app_args: dict[str, Any] | None = None,
     log: Log = _log,
 ) -> BenchStack:
-    """Redis (the URL's, else a private redis-server), a local Ray, Serve's gRPC proxy on a free
-    loopback port and `build_app` deployed with `route_prefix="/"`. On failure what was started
-    is stopped again."""
+    """`start_local` on free loopback ports with a private Redis prefix and a fresh secret; Redis is
+    the URL's, else a private redis-server."""
     import ray
-    from ray import serve
-    from ray.serve.config import HTTPOptions, gRPCOptions
-
-    from services.app import build_app
-    from services.common.protos import SERVICES, servicer_function
 
     if ray.is_initialized():
         raise RuntimeError("start_stack: Ray is already initialised in this process; it starts its own")
-    url, redis_server = ensure_redis(redis_url or "redis://127.0.0.1:6379/0", start_if_down=True, log=log)
     prefix = prefix or f"bench-{uuid.uuid4().hex[:8]}"
-    secret = secrets.token_hex(32)
-    values = {
-        auth.SECRET_ENV: secret,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
-        **(env or {}),
-    }
-    restore = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    stack = BenchStack(
-        target="",
-        redis_url=url,
-        prefix=prefix,
-        config=config,
-        degrade=degrade,
-        latency_budget_s=latency_budget_s,
-        generator_replicas=generator_replicas,
-        secret=secret,
-        _redis=redis_server,
-        _restore_env=restore,
-    )
-    try:
-        ray.init(
-            address="local",
+    with _stdout_to_stderr():
+        service = start_local(
+            config,
+            grpc_port=0,
+            http_port=0,
+            redis_url=redis_url,
             num_cpus=num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": values},
+            auth_secret=secrets.token_hex(32),
+            app_args={
+                "redis_prefix": prefix,
+                "degrade": degrade,
+                "latency_budget_s": latency_budget_s,
+                "generator_replicas": generator_replicas,
+                **(app_args or {}),
+            },
+            env=env,
+            start_redis_if_down=True,
+            log=log,
         )
-        grpc_port = free_port()
-        serve.start(
-            grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[servicer_function(s) for s in SERVICES]),
-            http_options=HTTPOptions(host="127.0.0.1", port=free_port()),
-        )
-        args = {
-            "config": config,
-            "redis_url": url,
-            "redis_prefix": prefix,
-            "degrade": degrade,
-            "latency_budget_s": latency_budget_s,
-            "generator_replicas": generator_replicas,
-            **(app_args or {}),
-        }
-        log(f"serve: deploying {config} (degrade={degrade}, generator replicas {generator_replicas}, prefix {prefix})")
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-        stack.target = f"127.0.0.1:{grpc_port}"
-        _wait_ready(stack.target, 60.0)
-        return stack
-    except BaseException:
-        stack.stop()
-        raise
-
-
-def _wait_ready(target: str, timeout_s: float) -> None:
-    import grpc
-
-    with grpc.insecure_channel(target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+    return BenchStack(service, prefix, config, degrade, latency_budget_s, generator_replicas)
 
 
 # --- Redis and generator leak checks -------------------------------------------------------------------

@@ -438,11 +438,15 @@ def start_local(
     auth_secret: str | None = None,
     token_ttl_s: float = DEV_TOKEN_TTL_S,
     ready_timeout_s: float = 600.0,
+    app_args: dict[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    start_redis_if_down: bool | None = None,
     log: Log = _print,
 ) -> LocalService:
     """Start Redis (if needed), a local Ray, Serve's proxies and the application; returns when the
     gRPC and HTTP proxies answer. Ports of 0 pick free ones; with `serve_config`, None keeps the
-    file's ports. On any failure what was started is stopped again."""
+    file's ports. `app_args` are further `services.app.build_app` arguments, `env` further
+    environment for the replicas. On any failure what was started is stopped again."""
     preset = config or default_preset()
     if preset not in PRESETS:
         raise LauncherError(f"--config: got {preset!r}; expected one of {PRESETS}", exit_code=2)
@@ -459,13 +463,13 @@ def start_local(
         http_port = http_port or free_port()
 
     url = redis_url or os.environ.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL
-    url, redis_server = ensure_redis(url, log=log)
+    url, redis_server = ensure_redis(url, start_if_down=start_redis_if_down, log=log)
     restore_env: dict[str, str | None] = {}
     own_ray = False
     try:
         # Inherited by the raylet and every replica: the services read the same values from the
         # environment that the Serve config files set (both names of the model settings are in use).
-        env = {
+        replica_env = {
             "REDIS_URL": url,
             auth.SECRET_ENV: secret,
             "AF_MODEL_PRESET": preset,
@@ -473,8 +477,9 @@ def start_local(
             "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         }
         if weights_dir is not None:
-            env |= {"AF_WEIGHTS_DIR": str(weights_dir.resolve()), "AVATAR_FORCING_WEIGHTS": str(weights_dir.resolve())}
-        restore_env = _set_env(env)
+            weights = str(weights_dir.resolve())
+            replica_env |= {"AF_WEIGHTS_DIR": weights, "AVATAR_FORCING_WEIGHTS": weights}
+        restore_env = _set_env(replica_env | dict(env or {}))
 
         import ray
         from ray import serve
@@ -496,13 +501,14 @@ def start_local(
                 http_options=HTTPOptions(host="127.0.0.1", port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=servicer_functions()),
             )
-            app_args = {
+            args = {
                 "config": preset,
                 "weights": str(weights_dir.resolve()) if weights_dir is not None else None,
                 "redis_url": url,
+                **(app_args or {}),
             }  # the secret reaches the replicas through the environment, never as a deployment argument
             log(f"serve: deploying {APP_NAME} (model {preset}; this loads the models)")
-            serve.run(_build_app(app_args), name=APP_NAME, route_prefix="/")
+            serve.run(_build_app(args), name=APP_NAME, route_prefix="/")
         grpc_target = f"127.0.0.1:{grpc_port}"
         http_url = f"http://127.0.0.1:{http_port}"
         _wait_grpc(grpc_target, 60.0)
