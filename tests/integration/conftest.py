@@ -1,4 +1,4 @@
-"""Fixtures of the integration tests: real Redis, the tiny model, the sample media of one session."""
+"""Fixtures of the integration tests: the tiny model and the sample media of one session."""
 
 from pathlib import Path
 
@@ -8,7 +8,6 @@ import pytest
 from avatar_forcing.config import tiny
 from avatar_forcing.media import load_audio, read_video
 from avatar_forcing.model import random_model
-from tests.redis_support import prefix, redis_url
 
 SAMPLES = Path(__file__).parents[2] / "samples"
 FRAMES = 40  # 4 blocks of 10
@@ -30,4 +29,4 @@ def media():
     return portrait_png, speech, user, clip.frames[:FRAMES]
 
 
-__all__ = ["FRAMES", "SAMPLES", "media", "model", "prefix", "redis_url"]
+__all__ = ["FRAMES", "SAMPLES", "media", "model"]

@@ -8,14 +8,12 @@
 - The decoder's avatar cache is an LRU bounded by bytes.
 
 The portrait tests use the real Redis (AF_TEST_REDIS_URL, default DB 12) under a unique key
-prefix; they are skipped when no Redis answers.
+prefix; when none answers, a redis-server is started (tests/redis_support.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,6 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-import redis
 import torch
 
 from avatar_forcing.face_crop import FaceCropper
@@ -41,7 +38,6 @@ from services.common.tensors import decode, encode
 from services.decoder.servicer import DecoderServicer, PortraitCache
 from services.motion_encoder.servicer import MotionEncoderServicer, derive_avatar_id, image_header
 
-TEST_REDIS_URL = os.environ.get("AF_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 HOP = 10
 IDS = {"session_id": "sess-1", "tenant_id": "tenant-a"}
@@ -62,33 +58,11 @@ def portrait_png() -> bytes:
     return (SAMPLES / "portrait.png").read_bytes()
 
 
-@pytest.fixture(scope="module")
-def redis_available() -> None:
-    client = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=0.5)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {TEST_REDIS_URL}")
-    finally:
-        client.close()
-
-
-@pytest.fixture()
-def prefix(redis_available) -> Any:
-    prefix = f"test-stateless-{uuid.uuid4().hex[:12]}"
-    yield prefix
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
-
-
-def with_store(prefix: str, body: Callable[[SessionStore], Awaitable[Any]]) -> Any:
+def with_store(redis_url: str, prefix: str, body: Callable[[SessionStore], Awaitable[Any]]) -> Any:
     """Run `body(store)` in a fresh event loop with a store bound to it."""
 
     async def main() -> Any:
-        async with SessionStore(TEST_REDIS_URL, prefix=prefix) as store:
+        async with SessionStore(redis_url, prefix=prefix) as store:
             return await body(store)
 
     return asyncio.run(main())
@@ -281,7 +255,9 @@ def test_encode_user_motion_checks_ids_and_frame(model, size: int) -> None:
     expect_error(servicer.EncodeUserMotion(bad_frame), "first_frame")
 
 
-def test_encode_portrait_equals_the_library_and_stores_the_portrait(model, size, portrait_png, prefix) -> None:
+def test_encode_portrait_equals_the_library_and_stores_the_portrait(
+    model, size, portrait_png, redis_url, prefix
+) -> None:
     mae = model.motion_autoencoder
     crop = FaceCropper(size).crop_portrait(load_image(SAMPLES / "portrait.png"), "portrait.png")
     expected = encode_portrait(mae, crop).reference_motion.numpy()
@@ -302,10 +278,10 @@ def test_encode_portrait_equals_the_library_and_stores_the_portrait(model, size,
             await store.get_avatar("t2", "a1")  # avatars are per tenant
         servicer.close()
 
-    with_store(prefix, body)
+    with_store(redis_url, prefix, body)
 
 
-def test_avatar_portraits_in_the_store(prefix) -> None:
+def test_avatar_portraits_in_the_store(redis_url, prefix) -> None:
     async def body(store: SessionStore) -> None:
         with pytest.raises(ValidationError, match=r"^portrait:"):
             await store.put_avatar("t1", "a1", b"")
@@ -320,10 +296,10 @@ def test_avatar_portraits_in_the_store(prefix) -> None:
         with pytest.raises(NotFoundError, match=r"^avatar_id:"):
             await store.get_avatar("t2", "a1")
 
-    with_store(prefix, body)
+    with_store(redis_url, prefix, body)
 
 
-def test_encode_portrait_rejects_bad_input(model, portrait_png, prefix) -> None:
+def test_encode_portrait_rejects_bad_input(model, portrait_png, redis_url, prefix) -> None:
     blank = png(np.full((64, 64, 3), 200, np.uint8))
 
     async def body(store: SessionStore) -> None:
@@ -345,7 +321,7 @@ def test_encode_portrait_rejects_bad_input(model, portrait_png, prefix) -> None:
         assert keys == []  # nothing stored for rejected portraits
         servicer.close()
 
-    with_store(prefix, body)
+    with_store(redis_url, prefix, body)
 
 
 async def _error(call: Awaitable[Any]) -> str:
@@ -381,7 +357,7 @@ class CountingStore:
         return await self.store.get_avatar(tenant_id, avatar_id)
 
 
-def test_decode_equals_the_library(model, size, portrait_png, prefix) -> None:
+def test_decode_equals_the_library(model, size, portrait_png, redis_url, prefix) -> None:
     mae = model.motion_autoencoder
     crop = FaceCropper(size).crop_portrait(load_image(SAMPLES / "portrait.png"), "portrait.png")
     expected = decode_frames(mae, encode_portrait(mae, crop), torch.from_numpy(latents(4)))  # (4, S, S, 3)
@@ -406,10 +382,10 @@ def test_decode_equals_the_library(model, size, portrait_png, prefix) -> None:
         assert counting.reads == ["a1"]  # the second call used the cached encoding
         servicer.close()
 
-    with_store(prefix, body)
+    with_store(redis_url, prefix, body)
 
 
-def test_decode_errors(model, size, portrait_png, prefix, monkeypatch) -> None:
+def test_decode_errors(model, size, portrait_png, redis_url, prefix, monkeypatch) -> None:
     async def body(store: SessionStore) -> None:
         await store.put_avatar("tenant-a", "a1", portrait_png)
         servicer = DecoderServicer(model, store, cache_bytes=1 << 30)
@@ -453,7 +429,7 @@ def test_decode_errors(model, size, portrait_png, prefix, monkeypatch) -> None:
         assert "MAX_MESSAGE_BYTES = 2000" in message, message
         servicer.close()
 
-    with_store(prefix, body)
+    with_store(redis_url, prefix, body)
 
 
 def fake_encoding(nbytes: int) -> PortraitEncoding:
@@ -475,7 +451,7 @@ def test_portrait_cache_evicts_least_recently_used_by_bytes() -> None:
     assert cache.bytes_used == 200
 
 
-def test_decoder_cache_rebuilds_evicted_avatars_once(model, portrait_png, prefix) -> None:
+def test_decoder_cache_rebuilds_evicted_avatars_once(model, portrait_png, redis_url, prefix) -> None:
     flipped = png(load_image(SAMPLES / "portrait.png")[:, ::-1].copy())
 
     async def body(store: SessionStore) -> None:
@@ -497,4 +473,4 @@ def test_decoder_cache_rebuilds_evicted_avatars_once(model, portrait_png, prefix
         assert counting.reads == ["a1", "a2", "a1"]
         servicer.close()
 
-    with_store(prefix, body)
+    with_store(redis_url, prefix, body)
