@@ -141,10 +141,10 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, rate
 def _probe_request(stream: MotionStream, block: int) -> BlockRequest:
     """A request equal in shape to the next block, without advancing the stream."""
     dim = stream.config.motion_dim
-    state = stream.to_bytes()
-    probe = MotionStream.from_bytes(stream.sampler, state)
-    probe.push(*(torch.randn(block, dim) for _ in range(3)))
-    request = probe.next_request()
+    snapshot = stream.checkpoint()
+    stream.push(*(torch.randn(block, dim) for _ in range(3)))
+    request = stream.next_request()
+    stream.restore(snapshot)
     assert request is not None
     return request
 

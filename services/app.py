@@ -7,7 +7,6 @@ deploys it with settings from the environment; `build_app(args)` takes overrides
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ def image_size(settings: Settings) -> int:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     args = args or {}
     overrides = settings_overrides(args)
-    settings = dataclasses.replace(Settings.from_env(), **overrides)
+    settings = Settings.from_env(overrides=overrides)
     generator = Generator
     if args.get("generator_replicas"):
         generator = Generator.options(num_replicas=int(args["generator_replicas"]))

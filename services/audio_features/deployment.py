@@ -11,7 +11,6 @@ Resources here are minimal defaults; deploy/serve/*.yaml set the real ones.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ray import serve
@@ -26,7 +25,7 @@ from services.common.protos import audio_features_pb2
 @serve.deployment(name="audio_features", ray_actor_options={"num_cpus": 0.5})
 class AudioFeatures:
     def __init__(self, overrides: dict[str, Any] | None = None) -> None:
-        self.settings = dataclasses.replace(Settings.from_env(), **(overrides or {}))
+        self.settings = Settings.from_env(overrides=overrides)
         self.servicer = AudioFeaturesServicer(load_model(self.settings), None, self.settings)
 
     async def Extract(self, request, grpc_context=None):

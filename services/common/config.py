@@ -22,13 +22,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -98,7 +99,8 @@ class Settings:
         need(bool(_ID_RE.match(self.replica_id)), "AF_REPLICA_ID", self.replica_id, "[A-Za-z0-9_-]{1,64}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """The settings of the environment, then `overrides` (field name -> value) on top."""
         env = os.environ if environ is None else environ
 
         def get(name: str, parse: Callable[[str], T], default: T) -> T:
@@ -111,7 +113,7 @@ class Settings:
                 raise ValueError(f"{name}: cannot parse {text!r} ({exc})") from None
 
         d = cls.__dataclass_fields__
-        return cls(
+        settings = cls(
             redis_url=get("REDIS_URL", str, d["redis_url"].default),
             redis_prefix=get("AF_REDIS_PREFIX", str, d["redis_prefix"].default),
             redis_timeout_s=get("AF_REDIS_TIMEOUT_S", float, d["redis_timeout_s"].default),
@@ -127,3 +129,4 @@ class Settings:
             cache_budget_bytes=get("AF_CACHE_BUDGET_BYTES", parse_bytes, d["cache_budget_bytes"].default),
             replica_id=get("AF_REPLICA_ID", str, ""),
         )
+        return dataclasses.replace(settings, **overrides) if overrides else settings

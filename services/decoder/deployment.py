@@ -12,7 +12,6 @@ is bounded by AF_CACHE_BUDGET_BYTES (`Settings.cache_budget_bytes`) per replica.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ray import serve
@@ -28,7 +27,7 @@ from services.decoder.servicer import DecoderServicer
 @serve.deployment(name="decoder", ray_actor_options={"num_cpus": 0.5})
 class FrameDecoder:
     def __init__(self, overrides: dict[str, Any] | None = None) -> None:
-        self.settings = dataclasses.replace(Settings.from_env(), **(overrides or {}))
+        self.settings = Settings.from_env(overrides=overrides)
         self.store = SessionStore.from_settings(self.settings)
         self.servicer = DecoderServicer(load_model(self.settings), self.store, self.settings)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 
 from ray import serve
@@ -39,7 +38,7 @@ BATCH_WAIT_S = 0.004  # how long a request waits for others to share its forward
 )
 class Generator:
     def __init__(self, overrides: dict | None = None) -> None:
-        self.settings = dataclasses.replace(Settings.from_env(), **(overrides or {}))
+        self.settings = Settings.from_env(overrides=overrides)
         model = load_model(self.settings)
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.store = SessionStore.from_settings(self.settings)

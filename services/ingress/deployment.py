@@ -8,7 +8,6 @@ session-affinity router sends them to the replica that holds the session's cache
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -84,7 +83,7 @@ class SessionIngress:
         image_size: int = 512,
         ingress: dict | None = None,
     ) -> None:
-        self.settings = dataclasses.replace(Settings.from_env(), **(overrides or {}))
+        self.settings = Settings.from_env(overrides=overrides)
         self.store = SessionStore.from_settings(self.settings)
         self.stages = handle_stages(audio_features, motion_encoder, generator, decoder)
         self.ingress_settings = IngressSettings(image_size=image_size, **(ingress or {}))

@@ -11,7 +11,6 @@ Resources here are minimal defaults; deploy/serve/*.yaml set the real ones.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ray import serve
@@ -27,7 +26,7 @@ from services.motion_encoder.servicer import MotionEncoderServicer
 @serve.deployment(name="motion_encoder", ray_actor_options={"num_cpus": 0.5})
 class MotionEncoder:
     def __init__(self, overrides: dict[str, Any] | None = None) -> None:
-        self.settings = dataclasses.replace(Settings.from_env(), **(overrides or {}))
+        self.settings = Settings.from_env(overrides=overrides)
         self.store = SessionStore.from_settings(self.settings)
         self.servicer = MotionEncoderServicer(load_model(self.settings), self.store, self.settings)
 
