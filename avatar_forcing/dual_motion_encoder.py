@@ -9,7 +9,6 @@ condition of a frame depends on the chunk: the first window is one chunk of
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -42,8 +41,3 @@ class DualMotionEncoder(nn.Module):
         attended, _ = self.user_agent_attn(avatar_audio, user, user, need_weights=False)
         fused = F.silu(self.ln2(avatar_audio + attended))  # the avatar's speech attended to the user
         return self.to_cond_user(fused)
-
-
-def null_conditions_like(features: Tensor) -> Tensor:
-    """The 'absent' condition used by classifier-free guidance: zeros that still pass the encoder."""
-    return torch.zeros_like(features)

@@ -52,11 +52,16 @@ class HistoryBlock:
     def from_bytes(cls, data: bytes) -> HistoryBlock:
         try:
             tensors = load_safetensors(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8 : 8 + header_len])["__metadata__"]
+            meta = safetensors_metadata(data)
             return cls(int(meta["start_frame"]), tensors["tokens"], tensors["conditions"], tensors.get("rng_state"))
         except Exception as exc:
             raise ValueError(f"history entry: not a valid HistoryBlock ({exc})") from exc
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors blob (`safetensors.torch.load` drops it)."""
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
 
 
 def replay_history(

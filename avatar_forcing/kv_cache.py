@@ -30,14 +30,6 @@ class FlowCache:
     self_positions: Tensor  # (R, S) absolute frame index of each cached self entry
     cross_positions: Tensor  # (R, C) absolute frame index of each cached condition entry
 
-    @property
-    def rows(self) -> int:
-        return self.self_positions.shape[0]
-
-    def nbytes(self) -> int:
-        tensors = [t for kv in self.self_kv + self.cross_kv for t in (kv.key, kv.value)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
     def to_tensors(self, prefix: str = "") -> dict[str, Tensor]:
         """Flat name -> tensor map (for safetensors serialisation)."""
         out = {f"{prefix}self_positions": self.self_positions, f"{prefix}cross_positions": self.cross_positions}

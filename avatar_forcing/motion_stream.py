@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from avatar_forcing.block_sampler import BlockRequest, BlockResult, BlockSampler, Conditions
-from avatar_forcing.history import HistoryBlock, replay_history
+from avatar_forcing.history import HistoryBlock, replay_history, safetensors_metadata
 from avatar_forcing.kv_cache import FlowCache
 from avatar_forcing.offline import pad_frames
 from avatar_forcing.sampling import GuidanceScales
@@ -245,7 +245,7 @@ class MotionStream:
     def from_bytes(cls, block_sampler: BlockSampler, data: bytes) -> MotionStream:
         try:
             tensors = load_safetensors(data)
-            meta = json.loads(load_metadata(data)["state"])
+            meta = json.loads(safetensors_metadata(data)["state"])
         except Exception as exc:
             raise ValueError(f"session state: not a valid MotionStream state blob ({exc})") from exc
         if meta.get("version") != STATE_VERSION:
@@ -350,10 +350,3 @@ class MotionStream:
         request = self.next_request()
         assert request is not None
         self.accept(self.sampler.run([request], self.options.block)[0])
-
-
-def load_metadata(data: bytes) -> dict[str, str]:
-    """The JSON metadata of a safetensors blob (safetensors.torch.load drops it)."""
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__", {})

@@ -65,8 +65,3 @@ class FlowMatchEuler:
         out = ratio * x64 + ((1 - s_next) - ratio * (1 - s)) * x0
         frozen = (s == 0) & (s_next == 0)
         return torch.where(frozen, x64, out).to(x.dtype)
-
-    def noise(self, x0: Tensor, noise: Tensor, t: float) -> Tensor:
-        """Forward process x_t = (1 - s) x0 + s * noise (training)."""
-        s = self.sigma(t)
-        return (1 - s) * x0 + s * noise

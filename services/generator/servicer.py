@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from safetensors.torch import save as save_safetensors
 
 from avatar_forcing.block_sampler import BlockRequest, BlockResult, BlockSampler
 from avatar_forcing.config import FlowConfig
-from avatar_forcing.history import HistoryBlock
+from avatar_forcing.history import HistoryBlock, safetensors_metadata
 from avatar_forcing.motion_stream import STREAMS, MotionBlock, MotionStream, StreamOptions
 from avatar_forcing.sampling import GuidanceScales
 from services.common.errors import (
@@ -144,7 +143,7 @@ def _setup_blob(reference_motion: torch.Tensor, options: StreamOptions, seed: in
 
 
 def _read_setup(blob: bytes) -> tuple[torch.Tensor, StreamOptions, int]:
-    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
+    header = safetensors_metadata(blob)
     reference = load_safetensors(blob)["reference_motion"]
     return reference, StreamOptions.from_json(header["options"]), int(header["frame_offset"])
 
