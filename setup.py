@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent
 
 def _protogen():
     # Loaded by path: the project is not importable while it is being built.
-    spec = importlib.util.spec_from_file_location("_avatar_forcing_protogen", ROOT / "services/common/protogen.py")
+    spec = importlib.util.spec_from_file_location("_avatar_forcing_protogen", ROOT / "services/wire/codegen.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run as a script from a checkout, installed or not
 
 from avatar_forcing.config import FPS, SAMPLE_RATE  # noqa: E402
-from avatar_forcing.face_crop import FaceCropper  # noqa: E402
-from avatar_forcing.media import VideoWriter, load_audio, read_video, save_audio, save_image  # noqa: E402
+from avatar_forcing.media.face_crop import FaceCropper  # noqa: E402
+from avatar_forcing.media.io import VideoWriter, load_audio, read_video, save_audio, save_image  # noqa: E402
 
 AVATAR_VOICE = ("en-us", 155)  # espeak-ng voice, words per minute
 AVATAR_TEXT = "Hello, and thanks for joining the call. I can see and hear you while we talk. How can I help you today?"

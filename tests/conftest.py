@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from avatar_forcing.block_sampler import BlockSampler
 from avatar_forcing.config import tiny
-from avatar_forcing.flow_transformer import FlowTransformer
+from avatar_forcing.nn.flow_transformer import FlowTransformer
+from avatar_forcing.sampling.block_sampler import BlockSampler
 from tests.parity_weights import FIXTURE_DIR, fill_module
 from tests.redis_support import prefix, redis_url  # noqa: F401 (fixtures: real Redis, one key prefix per test)
 

@@ -16,10 +16,10 @@ from typing import Any
 from ray import serve
 
 from services.audio_features.servicer import AudioFeaturesServicer
-from services.common import rpc
+from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
-from services.common.protos import audio_features_pb2
+from services.wire.protos import audio_features_pb2
 
 
 @serve.deployment(name="audio_features", ray_actor_options={"num_cpus": 0.5})

@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from avatar_forcing.model import AvatarForcing
-from avatar_forcing.streaming_audio import window_features
+from avatar_forcing.engine.streaming_audio import window_features
+from avatar_forcing.nn.model import AvatarForcing
 from services.common.config import Settings
-from services.common.errors import ValidationError
-from services.common.protos import Limit, pb
-from services.common.session_store import SessionStore, check_id
 from services.common.telemetry import rpc_span
-from services.common.tensors import decode, encode
+from services.store.session_store import SessionStore, check_id
+from services.wire.errors import ValidationError
+from services.wire.protos import Limit, pb
+from services.wire.tensors import decode, encode
 
 log = logging.getLogger(__name__)
 

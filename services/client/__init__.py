@@ -16,7 +16,7 @@ from services.client.session import (
     ServerWarning,
     SessionClosedError,
 )
-from services.common.errors import (
+from services.wire.errors import (
     CapacityExceededError,
     NotFoundError,
     PermissionDeniedError,

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from services.client.session import FPS, FRAME_US, SAMPLES_PER_FRAME, AvatarClient, Frame, ServerError
-from services.common.errors import ServiceError
-from services.common.protos import Limit, pb
+from services.wire.errors import ServiceError
+from services.wire.protos import Limit, pb
 
 TOKEN_ENV = "AVATAR_FORCING_TOKEN"
 AVATAR_CHUNK_FRAMES = 25  # avatar audio goes out one second at a time
@@ -115,7 +115,7 @@ def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def load_inputs(args: argparse.Namespace) -> Inputs:
-    from avatar_forcing.media import load_audio, read_video
+    from avatar_forcing.media.io import load_audio, read_video
     from services.client.session import portrait_bytes
 
     if not Limit.MIN_IMAGE_SIDE <= args.user_max_side <= Limit.MAX_IMAGE_SIDE:
@@ -189,7 +189,7 @@ async def stream_session(args: argparse.Namespace, inputs: Inputs) -> Stats:
     """Run one session: send the inputs, write the frames to args.out; returns the statistics."""
     import grpc
 
-    from avatar_forcing.media import VideoWriter
+    from avatar_forcing.media.io import VideoWriter
 
     stats = Stats()
 

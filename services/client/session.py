@@ -21,7 +21,7 @@ and media is held back while it would be more than `max_ahead_ms` ahead of the f
 (the server buffers at most MAX_BUFFERED_AUDIO_MS of avatar audio ahead of generation). Frames
 are read in the background as they arrive, so consume `frames()` concurrently with sending.
 
-Errors: a failed call raises the typed `services.common.errors` exception of its status
+Errors: a failed call raises the typed `services.wire.errors` exception of its status
 (`UnauthenticatedError`, `ValidationError` for INVALID_ARGUMENT, `NotFoundError`,
 `PermissionDeniedError`, `CapacityExceededError`, `UnavailableError`, ...) with the server's
 message, from `frames()` and from the send methods. A non-fatal `Error` message (a dropped
@@ -47,8 +47,8 @@ import cv2
 import grpc
 import numpy as np
 
-from services.common.errors import FailedPreconditionError, ServiceError, ValidationError, from_rpc_error
-from services.common.protos import Limit, grpc_options, pb, pb_grpc
+from services.wire.errors import FailedPreconditionError, ServiceError, ValidationError, from_rpc_error
+from services.wire.protos import Limit, grpc_options, pb, pb_grpc
 
 SAMPLE_RATE = Limit.SAMPLE_RATE  # 16000
 FPS = Limit.FPS  # 25

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.common.errors import PermissionDeniedError, UnauthenticatedError
+from services.wire.errors import PermissionDeniedError, UnauthenticatedError
 
 try:  # PyJWT is optional: the built-in codec below is the fallback
     import jwt as _jwt

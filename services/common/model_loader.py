@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from avatar_forcing.checkpoints import load_pretrained
 from avatar_forcing.config import preset
-from avatar_forcing.model import AvatarForcing, random_model
+from avatar_forcing.nn.checkpoints import load_pretrained
+from avatar_forcing.nn.model import AvatarForcing, random_model
 from services.common.config import Settings
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from services.common.protos import Limit, pb
+from services.wire.protos import Limit, pb
 
 log = logging.getLogger(__name__)
 

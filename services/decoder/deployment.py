@@ -16,12 +16,12 @@ from typing import Any
 
 from ray import serve
 
-from services.common import rpc
+from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
-from services.common.protos import decoder_pb2
-from services.common.session_store import SessionStore
 from services.decoder.servicer import DecoderServicer
+from services.store.session_store import SessionStore
+from services.wire.protos import decoder_pb2
 
 
 @serve.deployment(name="decoder", ray_actor_options={"num_cpus": 0.5})

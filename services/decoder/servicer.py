@@ -21,16 +21,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from avatar_forcing.face_crop import FaceCropper
-from avatar_forcing.frames import PortraitEncoding, decode_frames
-from avatar_forcing.model import AvatarForcing
+from avatar_forcing.engine.portrait import PortraitEncoding, decode_frames
+from avatar_forcing.media.face_crop import FaceCropper
+from avatar_forcing.nn.model import AvatarForcing
 from services.common.config import Settings
-from services.common.errors import FailedPreconditionError, ValidationError
-from services.common.protos import Limit, pb
-from services.common.session_store import SessionStore, check_id
 from services.common.telemetry import rpc_span
-from services.common.tensors import decode_torch
 from services.motion_encoder.servicer import portrait_encoding
+from services.store.session_store import SessionStore, check_id
+from services.wire.errors import FailedPreconditionError, ValidationError
+from services.wire.protos import Limit, pb
+from services.wire.tensors import decode_torch
 
 log = logging.getLogger(__name__)
 

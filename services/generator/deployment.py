@@ -14,14 +14,14 @@ import logging
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from avatar_forcing.block_sampler import BlockRequest, BlockResult
-from services.common import rpc
+from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult
+from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
-from services.common.protos import generator_pb2
-from services.common.session_store import SessionStore
 from services.generator.router import SessionAffinityRouter
 from services.generator.servicer import GeneratorServicer
+from services.store.session_store import SessionStore
+from services.wire.protos import generator_pb2
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 8  # sessions per forward pass

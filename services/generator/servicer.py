@@ -29,12 +29,14 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from avatar_forcing.block_sampler import BlockRequest, BlockResult, BlockSampler
 from avatar_forcing.config import FlowConfig
-from avatar_forcing.history import HistoryBlock, safetensors_metadata
-from avatar_forcing.motion_stream import STREAMS, MotionBlock, MotionStream, StreamOptions
-from avatar_forcing.sampling import GuidanceScales
-from services.common.errors import (
+from avatar_forcing.engine.history import HistoryBlock, safetensors_metadata
+from avatar_forcing.engine.motion_stream import STREAMS, MotionBlock, MotionStream, StreamOptions
+from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult, BlockSampler
+from avatar_forcing.sampling.euler import GuidanceScales
+from services.common.telemetry import metrics, rpc_span
+from services.store.session_store import Claim, SessionStore, check_id
+from services.wire.errors import (
     CapacityExceededError,
     FailedPreconditionError,
     FrameConflictError,
@@ -43,10 +45,8 @@ from services.common.errors import (
     TenantMismatchError,
     ValidationError,
 )
-from services.common.protos import Limit, pb
-from services.common.session_store import Claim, SessionStore, check_id
-from services.common.telemetry import metrics, rpc_span
-from services.common.tensors import decode_torch, encode
+from services.wire.protos import Limit, pb
+from services.wire.tensors import decode_torch, encode
 
 log = logging.getLogger(__name__)
 FLOAT_DTYPES = ("FLOAT32", "FLOAT16", "BFLOAT16")

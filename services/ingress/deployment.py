@@ -14,13 +14,13 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from services.common import rpc
+from services.common import servicer_call as rpc
 from services.common.auth import tenant_from_grpc_metadata
 from services.common.config import Settings
-from services.common.errors import ServiceError, TenantMismatchError, UnavailableError, set_status
-from services.common.protos import audio_features_pb2, decoder_pb2, generator_pb2, motion_encoder_pb2, pb
-from services.common.session_store import SessionStore
 from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
+from services.store.session_store import SessionStore
+from services.wire.errors import ServiceError, TenantMismatchError, UnavailableError, set_status
+from services.wire.protos import audio_features_pb2, decoder_pb2, generator_pb2, motion_encoder_pb2, pb
 
 REPLICA_DEATH_RETRIES = 8  # ~7 s of backoff in all
 

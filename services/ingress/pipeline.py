@@ -32,15 +32,15 @@ import cv2
 import numpy as np
 
 from avatar_forcing.config import SAMPLES_PER_FRAME
-from avatar_forcing.face_crop import FaceCropper, FaceTrack, NoFaceError
-from avatar_forcing.streaming_audio import DEFAULT_LEFT_CONTEXT_S, DEFAULT_LOOKAHEAD_FRAMES
-from services.common.errors import ServiceError, ValidationError, error_fields
-from services.common.protos import Limit, pb
-from services.common.session_store import SessionStore, check_id
+from avatar_forcing.engine.streaming_audio import DEFAULT_LEFT_CONTEXT_S, DEFAULT_LOOKAHEAD_FRAMES
+from avatar_forcing.media.face_crop import FaceCropper, FaceTrack, NoFaceError
 from services.common.telemetry import BlockTrace, metrics
-from services.common.tensors import decode as decode_tensor
-from services.common.tensors import encode
 from services.ingress.policy import HELD_FRAME, REDUCED_NFE, Decision, RealtimePolicy
+from services.store.session_store import SessionStore, check_id
+from services.wire.errors import ServiceError, ValidationError, error_fields
+from services.wire.protos import Limit, pb
+from services.wire.tensors import decode as decode_tensor
+from services.wire.tensors import encode
 
 log = logging.getLogger(__name__)
 FRAME_US = 1_000_000 // Limit.FPS

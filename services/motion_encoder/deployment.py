@@ -15,12 +15,12 @@ from typing import Any
 
 from ray import serve
 
-from services.common import rpc
+from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
-from services.common.protos import motion_encoder_pb2
-from services.common.session_store import SessionStore
 from services.motion_encoder.servicer import MotionEncoderServicer
+from services.store.session_store import SessionStore
+from services.wire.protos import motion_encoder_pb2
 
 
 @serve.deployment(name="motion_encoder", ray_actor_options={"num_cpus": 0.5})

@@ -23,16 +23,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from avatar_forcing.face_crop import FaceCropper, NoFaceError
-from avatar_forcing.frames import PortraitEncoding, encode_portrait, encode_user_motion
-from avatar_forcing.model import AvatarForcing
-from avatar_forcing.motion_autoencoder import MotionAutoEncoder
+from avatar_forcing.engine.portrait import PortraitEncoding, encode_portrait, encode_user_motion
+from avatar_forcing.media.face_crop import FaceCropper, NoFaceError
+from avatar_forcing.nn.model import AvatarForcing
+from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
 from services.common.config import Settings
-from services.common.errors import ValidationError
-from services.common.protos import Limit, pb
-from services.common.session_store import SessionStore, check_id
 from services.common.telemetry import rpc_span
-from services.common.tensors import decode, encode
+from services.store.session_store import SessionStore, check_id
+from services.wire.errors import ValidationError
+from services.wire.protos import Limit, pb
+from services.wire.tensors import decode, encode
 
 log = logging.getLogger(__name__)
 

@@ -124,7 +124,7 @@ def serve_schema():
 def test_serve_config_validates_with_ray_schema(serve_schema, path):
     config = serve_schema.ServeDeploySchema.model_validate(load(path))
     (app,) = config.applications
-    assert app.import_path == "services.app:app"
+    assert app.import_path == "services.serve_app:app"
     assert app.route_prefix == "/"
     assert sorted(app.deployment_names) == sorted(DEPLOYMENTS)
     assert config.grpc_options.port == 9000

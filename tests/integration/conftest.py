@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from avatar_forcing.config import tiny
-from avatar_forcing.media import load_audio, read_video
-from avatar_forcing.model import random_model
+from avatar_forcing.media.io import load_audio, read_video
+from avatar_forcing.nn.model import random_model
 
 SAMPLES = Path(__file__).parents[2] / "samples"
 FRAMES = 40  # 4 blocks of 10

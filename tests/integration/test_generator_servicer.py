@@ -7,13 +7,13 @@ import asyncio
 import pytest
 import torch
 
-from avatar_forcing.block_sampler import BlockSampler
-from avatar_forcing.motion_stream import MotionStream, StreamOptions
-from services.common.errors import CapacityExceededError, FrameConflictError, TenantMismatchError, ValidationError
-from services.common.protos import pb
-from services.common.session_store import SessionStore
-from services.common.tensors import decode_torch, encode
+from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.sampling.block_sampler import BlockSampler
 from services.generator.servicer import GeneratorServicer
+from services.store.session_store import SessionStore
+from services.wire.errors import CapacityExceededError, FrameConflictError, TenantMismatchError, ValidationError
+from services.wire.protos import pb
+from services.wire.tensors import decode_torch, encode
 from tests.unit.test_motion_stream import reference, tracks
 
 pytestmark = pytest.mark.integration

@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from services.bench_stack import (
+from bench.stack import (
     FPS,
     Media,
     SessionResult,

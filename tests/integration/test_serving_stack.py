@@ -21,11 +21,11 @@ from ray import serve
 from ray.serve.config import gRPCOptions
 
 from avatar_forcing.config import tiny
-from avatar_forcing.model import random_model
-from services.app import build_app
+from avatar_forcing.nn.model import random_model
 from services.common.auth import mint_token
-from services.common.protos import grpc_options, pb, pb_grpc, servicer_function
-from services.common.tensors import decode_torch, encode
+from services.serve_app import build_app
+from services.wire.protos import grpc_options, pb, pb_grpc, servicer_function
+from services.wire.tensors import decode_torch, encode
 from tests.integration.test_session_pipeline import FRAMES, client_messages, in_process
 from tests.redis_support import free_port, start_redis, stop_redis
 
@@ -110,7 +110,7 @@ def session_keys(stack) -> list[bytes]:
 
 def test_stream_through_the_stack_equals_the_in_process_engine(stack):
     portrait = (SAMPLES / "portrait.png").read_bytes()
-    from avatar_forcing.media import load_audio, read_video
+    from avatar_forcing.media.io import load_audio, read_video
 
     speech = (load_audio(SAMPLES / "avatar_speech.wav")[: FRAMES * 640] * 32767).astype(np.int16)
     clip = read_video(SAMPLES / "user.mp4")

@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 
 from avatar_forcing.config import tiny
-from avatar_forcing.face_crop import FaceCropper
-from avatar_forcing.live_session import LiveSession
-from avatar_forcing.model import random_model
-from avatar_forcing.motion_stream import StreamOptions
+from avatar_forcing.engine.live_session import LiveSession
+from avatar_forcing.engine.motion_stream import StreamOptions
+from avatar_forcing.media.face_crop import FaceCropper
+from avatar_forcing.nn.model import random_model
 from services.audio_features.servicer import AudioFeaturesServicer
 from services.common.config import Settings
-from services.common.errors import ValidationError
-from services.common.protos import pb
-from services.common.session_store import SessionStore
-from services.common.tensors import decode as decode_tensor
 from services.decoder.servicer import DecoderServicer
 from services.generator.servicer import GeneratorServicer
 from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
 from services.motion_encoder.servicer import MotionEncoderServicer
+from services.store.session_store import SessionStore
+from services.wire.errors import ValidationError
+from services.wire.protos import pb
+from services.wire.tensors import decode as decode_tensor
 from tests.integration.conftest import FRAMES
 from tests.redis_support import keys_with
 

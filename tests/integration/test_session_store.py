@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from services.common.config import Settings
-from services.common.errors import (
+from services.store.session_store import HistoryEntry, SessionStore
+from services.wire.errors import (
     CapacityExceededError,
     FailedPreconditionError,
     FrameConflictError,
@@ -28,7 +29,6 @@ from services.common.errors import (
     TenantMismatchError,
     ValidationError,
 )
-from services.common.session_store import HistoryEntry, SessionStore
 from tests.redis_support import free_port, keys_with, start_redis, stop_redis
 
 pytestmark = pytest.mark.integration

@@ -31,9 +31,9 @@ import redis
 import torch
 
 from services.common.config import Settings
-from services.common.errors import NotFoundError, ValidationError
-from services.common.protos import Limit, grpc_options, pb, pb_grpc, servicer_function
-from services.common.tensors import decode, encode
+from services.wire.errors import NotFoundError, ValidationError
+from services.wire.protos import Limit, grpc_options, pb, pb_grpc, servicer_function
+from services.wire.tensors import decode, encode
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +58,7 @@ def serve_app() -> Iterator[dict[str, Any]]:
         pytest.fail(
             f"generated messages cannot be pickled ({exc}), so Serve cannot pass them between processes: "
             "their __module__ must be the import path services._generated.avatar_forcing.v1.*_pb2 "
-            "(services/common/protogen.py)"
+            "(services/wire/codegen.py)"
         )
     client = redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=0.5)
     try:
@@ -130,7 +130,7 @@ def expect_invalid(call: Any, request: Any, application: str, field: str) -> Non
 
 
 def test_extract_matches_the_in_process_features(channel) -> None:
-    from avatar_forcing.streaming_audio import window_features
+    from avatar_forcing.engine.streaming_audio import window_features
     from services.common.model_loader import load_model
 
     stub = pb_grpc.AudioFeaturesStub(channel)

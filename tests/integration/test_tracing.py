@@ -14,12 +14,12 @@ import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 from avatar_forcing.config import tiny
-from avatar_forcing.model import random_model
+from avatar_forcing.nn.model import random_model
 from services.common import telemetry
-from services.common.protos import pb
-from services.common.session_store import SessionStore
 from services.generator.servicer import session_bytes
 from services.ingress.pipeline import IngressSettings, SessionPipeline
+from services.store.session_store import SessionStore
+from services.wire.protos import pb
 from tests.integration.conftest import FRAMES
 from tests.integration.test_session_pipeline import client_messages, iterate, stages_for
 

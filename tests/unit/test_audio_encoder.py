@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-from avatar_forcing.audio_encoder import (
+from avatar_forcing.config import paper, tiny
+from avatar_forcing.nn.audio_encoder import (
     AudioEncoder,
     make_audio_projection,
     normalize_waveform,
     num_frames_for,
     validate_waveform,
 )
-from avatar_forcing.config import paper, tiny
 from tests.parity_weights import FIXTURE_DIR, fill_module
 
 ATOL = 1e-5  # fixture README, "Tolerances seen"

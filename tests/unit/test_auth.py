@@ -13,7 +13,7 @@ import pytest
 
 from services.common import auth
 from services.common.auth import AuthConfigError, AuthError, ScopeError, mint_token, verify_claims, verify_token
-from services.common.errors import UnauthenticatedError, status_of
+from services.wire.errors import UnauthenticatedError, status_of
 
 SECRET = "unit-test-secret-that-is-long-enough-32"
 OTHER = "another-unit-test-secret-long-enough-32"

@@ -7,9 +7,15 @@ import json
 import pytest
 import torch
 
-from avatar_forcing.checkpoints import CheckpointError, convert_release, load_pretrained, load_release, save_pretrained
 from avatar_forcing.config import tiny
-from avatar_forcing.model import AvatarForcing, random_model
+from avatar_forcing.nn.checkpoints import (
+    CheckpointError,
+    convert_release,
+    load_pretrained,
+    load_release,
+    save_pretrained,
+)
+from avatar_forcing.nn.model import AvatarForcing, random_model
 from tests.parity_weights import FIXTURE_DIR
 
 

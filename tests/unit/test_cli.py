@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avatar_forcing.cli import main
-from avatar_forcing.media import load_audio, read_video, save_audio, write_video
+from avatar_forcing.apps.cli import main
+from avatar_forcing.media.io import load_audio, read_video, save_audio, write_video
 
 SAMPLES = Path(__file__).parents[2] / "samples"
 

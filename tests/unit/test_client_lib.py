@@ -32,8 +32,8 @@ from services.client import (
 )
 from services.client.session import RateLimiter, to_pcm16
 from services.common.auth import AuthError, mint_token, tenant_from_grpc_metadata
-from services.common.errors import status_of
-from services.common.protos import Limit, grpc_options, pb, pb_grpc
+from services.wire.errors import status_of
+from services.wire.protos import Limit, grpc_options, pb, pb_grpc
 
 SECRET = "test-secret-of-at-least-thirty-two-bytes"
 SIZE = 32  # the fake's avatar frames are SIZE x SIZE
@@ -438,7 +438,7 @@ def test_client_cli_streams_the_samples_and_writes_the_video(tmp_path, capsys):
     import threading
     from pathlib import Path
 
-    from avatar_forcing.media import load_audio, read_video
+    from avatar_forcing.media.io import load_audio, read_video
     from services.client import cli
 
     samples = Path(__file__).resolve().parents[2] / "samples"

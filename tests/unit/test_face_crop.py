@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avatar_forcing.face_crop import FaceBox, FaceCropper, NoFaceError
-from avatar_forcing.media import load_image, read_video
+from avatar_forcing.media.face_crop import FaceBox, FaceCropper, NoFaceError
+from avatar_forcing.media.io import load_image, read_video
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 

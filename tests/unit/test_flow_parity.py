@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from avatar_forcing.block_sampler import BlockSampler
 from avatar_forcing.config import paper
-from avatar_forcing.flow_transformer import FlowTransformer
-from avatar_forcing.offline import sample_motion
-from avatar_forcing.sampling import FlowMatchEuler
+from avatar_forcing.nn.flow_transformer import FlowTransformer
+from avatar_forcing.sampling.block_sampler import BlockSampler
+from avatar_forcing.sampling.euler import FlowMatchEuler
+from avatar_forcing.sampling.reference import sample_motion
 from tests.parity_weights import FIXTURE_DIR
 
 FLOW_ATOL = 1e-4

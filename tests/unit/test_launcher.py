@@ -14,9 +14,9 @@ import pytest
 import redis
 import yaml
 
-from services import launcher
 from services.common import auth
-from services.launcher import LauncherError, ensure_redis, is_default_local_url, redact_url, redis_answers
+from services.local import launcher
+from services.local.launcher import LauncherError, ensure_redis, is_default_local_url, redact_url, redis_answers
 
 REPO = Path(__file__).resolve().parents[2]
 needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from avatar_forcing.config import tiny
-from avatar_forcing.face_crop import FaceCropper, NoFaceError
-from avatar_forcing.live_session import LiveSession
-from avatar_forcing.media import load_audio, load_image, read_video
-from avatar_forcing.model import random_model
-from avatar_forcing.motion_stream import StreamOptions
+from avatar_forcing.engine.live_session import LiveSession
+from avatar_forcing.engine.motion_stream import StreamOptions
+from avatar_forcing.media.face_crop import FaceCropper, NoFaceError
+from avatar_forcing.media.io import load_audio, load_image, read_video
+from avatar_forcing.nn.model import random_model
 
 SAMPLES = Path(__file__).parents[2] / "samples"
 FRAMES = 30  # 1.2 s: warm start, then three blocks

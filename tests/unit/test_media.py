@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from avatar_forcing.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
-from avatar_forcing.media import (
+from avatar_forcing.media.io import (
     VideoWriter,
     from_uint8,
     load_audio,

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from avatar_forcing.config import MotionAutoEncoderConfig, paper
-from avatar_forcing.motion_autoencoder import MotionAutoEncoder
+from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
 from tests.parity_weights import FIXTURE_DIR, fill_module
 
 # README "Tolerances seen": 1e-5 encoder outputs, 1e-3 dec_img (bilinear grid_sample with ~26% of

@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from avatar_forcing.block_sampler import BlockSampler
-from avatar_forcing.motion_stream import MotionStream, StreamOptions
-from avatar_forcing.offline import sample_motion, torch_noise
-from avatar_forcing.sampling import GuidanceScales
+from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.sampling.block_sampler import BlockSampler
+from avatar_forcing.sampling.euler import GuidanceScales
+from avatar_forcing.sampling.reference import sample_motion, torch_noise
 
 DIM = 512
 STREAMS = ("avatar_audio", "user_audio", "user_motion")
@@ -110,10 +110,10 @@ def test_state_restored_mid_session_in_a_new_process_continues_identically(parit
     script = textwrap.dedent(
         f"""
         import torch
-        from avatar_forcing.block_sampler import BlockSampler
+        from avatar_forcing.sampling.block_sampler import BlockSampler
         from avatar_forcing.config import tiny
-        from avatar_forcing.flow_transformer import FlowTransformer
-        from avatar_forcing.motion_stream import MotionStream
+        from avatar_forcing.nn.flow_transformer import FlowTransformer
+        from avatar_forcing.engine.motion_stream import MotionStream
         from tests.parity_weights import fill_module
         model = FlowTransformer(tiny().flow).eval()
         fill_module(model, "flow_transformer.", "flow_transformer")

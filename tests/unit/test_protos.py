@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from avatar_forcing.config import SAMPLES_PER_FRAME, paper
-from services.common import errors, protogen
-from services.common.errors import ValidationError
-from services.common.protos import SERVICES, Limit, grpc_options, pb, pb_grpc, service_full_name, servicer_function
-from services.common.tensors import decode, decode_torch, encode
+from services.wire import codegen as protogen
+from services.wire import errors
+from services.wire.errors import ValidationError
+from services.wire.protos import SERVICES, Limit, grpc_options, pb, pb_grpc, service_full_name, servicer_function
+from services.wire.tensors import decode, decode_torch, encode
 
 # -- code generation ---------------------------------------------------------------------------
 
@@ -74,7 +75,7 @@ def test_generate_reports_protoc_errors(proto_copy: Path, tmp_path: Path):
 
 def test_protogen_cli_check():
     protogen.generate()
-    done = subprocess.run([sys.executable, "-m", "services.common.protogen", "--check"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "services.wire.codegen", "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

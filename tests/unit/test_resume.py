@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avatar_forcing.block_sampler import BlockSampler
-from avatar_forcing.history import HistoryBlock
-from avatar_forcing.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.engine.history import HistoryBlock
+from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.sampling.block_sampler import BlockSampler
 from tests.unit.test_motion_stream import concat, reference, tracks
 
 FRAMES = 130

@@ -24,19 +24,19 @@ import numpy as np
 import pytest
 import torch
 
-from avatar_forcing.face_crop import FaceCropper
-from avatar_forcing.frames import PortraitEncoding, decode_frames, encode_portrait, encode_user_motion
-from avatar_forcing.media import load_image
-from avatar_forcing.streaming_audio import StreamingAudioFeatures
+from avatar_forcing.engine.portrait import PortraitEncoding, decode_frames, encode_portrait, encode_user_motion
+from avatar_forcing.engine.streaming_audio import StreamingAudioFeatures
+from avatar_forcing.media.face_crop import FaceCropper
+from avatar_forcing.media.io import load_image
 from services.audio_features.servicer import AudioFeaturesServicer
 from services.common.config import Settings
-from services.common.errors import NotFoundError, ServiceError, ValidationError, status_of
 from services.common.model_loader import load_model
-from services.common.protos import Limit, pb
-from services.common.session_store import MAX_PORTRAIT_BYTES, SessionStore
-from services.common.tensors import decode, encode
 from services.decoder.servicer import DecoderServicer, PortraitCache
 from services.motion_encoder.servicer import MotionEncoderServicer, derive_avatar_id, image_header
+from services.store.session_store import MAX_PORTRAIT_BYTES, SessionStore
+from services.wire.errors import NotFoundError, ServiceError, ValidationError, status_of
+from services.wire.protos import Limit, pb
+from services.wire.tensors import decode, encode
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 HOP = 10

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from avatar_forcing import audio_drift
-from avatar_forcing.audio_encoder import AudioEncoder, normalize_waveform, num_frames_for
 from avatar_forcing.config import SAMPLES_PER_FRAME, tiny
-from avatar_forcing.streaming_audio import StreamingAudioFeatures
+from avatar_forcing.diagnostics import audio_drift
+from avatar_forcing.engine.streaming_audio import StreamingAudioFeatures
+from avatar_forcing.nn.audio_encoder import AudioEncoder, normalize_waveform, num_frames_for
 
 NUM_SAMPLES = 12 * SAMPLES_PER_FRAME + 250  # 12.4 frames: the last one is partial
 

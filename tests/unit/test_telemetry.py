@@ -12,9 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.common import telemetry
-from services.common.errors import ValidationError
-from services.common.protos import pb
 from services.generator.servicer import SessionTable
+from services.wire.errors import ValidationError
+from services.wire.protos import pb
 
 
 @pytest.fixture()

@@ -24,8 +24,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from avatar_forcing.block_sampler import BlockSampler, Conditions
-from avatar_forcing.kv_cache import FlowCache
+from avatar_forcing.nn.kv_cache import FlowCache
+from avatar_forcing.sampling.block_sampler import BlockSampler, Conditions
 
 
 @dataclass

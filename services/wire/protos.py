@@ -1,6 +1,6 @@
 """The one import point of the gRPC contract (`protos/avatar_forcing/v1/*.proto`).
 
-    from services.common.protos import pb, pb_grpc, Limit
+    from services.wire.protos import pb, pb_grpc, Limit
 
     request = pb.GenerateBlockRequest(session_id="s1", tenant_id="t1", first_frame=0)
     stub = pb_grpc.MotionGeneratorStub(channel)
@@ -9,15 +9,15 @@
 
 `pb` holds every message and enum of the package (all files merged; names are unique within
 a proto package), `pb_grpc` every stub, servicer and `add_*_to_server`. The per-file modules
-are importable too (`from services.common.protos import generator_pb2`).
+are importable too (`from services.wire.protos import generator_pb2`).
 
 In a source checkout the code is generated on first import when it is missing or the .proto
-files changed (`services.common.protogen`); an installed wheel ships it pre-generated.
+files changed (`services.wire.codegen`); an installed wheel ships it pre-generated.
 
 Ray Serve's gRPC proxy takes the generated registration functions by import path, e.g.
 "services._generated.avatar_forcing.v1.generator_pb2_grpc.add_MotionGeneratorServicer_to_server"
 (see `servicer_function`); those processes import the generated modules directly, so the code
-must exist there (`pip install .`, or `python -m services.common.protogen` in the image).
+must exist there (`pip install .`, or `python -m services.wire.codegen` in the image).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from services.common import protogen
+from services.wire import codegen as protogen
 
 MODULES = ("limits", "tensor", "common", "audio_features", "motion_encoder", "generator", "decoder", "session")
 # service -> the .proto file (module stem) that defines it

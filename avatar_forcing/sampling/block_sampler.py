@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from avatar_forcing.flow_transformer import FlowTransformer
-from avatar_forcing.kv_cache import FlowCache, roll_cache
-from avatar_forcing.sampling import GUIDANCE_ROWS, FlowMatchEuler, GuidanceScales
+from avatar_forcing.nn.flow_transformer import FlowTransformer
+from avatar_forcing.nn.kv_cache import FlowCache, roll_cache
+from avatar_forcing.sampling.euler import GUIDANCE_ROWS, FlowMatchEuler, GuidanceScales
 
 
 @dataclass
@@ -43,6 +43,14 @@ class Conditions:
         user_audio = torch.stack([zeros, zeros, self.user_audio])
         user_motion = torch.stack([zeros, zeros, self.user_motion])
         return avatar, user_audio, user_motion  # each (3, Lc, 512)
+
+
+def pad_frames(track: Tensor, length: int) -> Tensor:
+    """(T, D) -> (length, D), repeating the last frame (never truncating): conditions past the end."""
+    missing = length - track.shape[0]
+    if missing <= 0:
+        return track
+    return torch.cat([track, track[-1:].expand(missing, -1)])
 
 
 @dataclass

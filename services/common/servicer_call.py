@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from services.common.errors import ServiceError, set_status
+from services.wire.errors import ServiceError, set_status
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from collections.abc import Collection, Sequence
 import numpy as np
 import torch
 
-from services.common.errors import ValidationError
-from services.common.protos import Limit, pb
+from services.wire.errors import ValidationError
+from services.wire.protos import Limit, pb
 
 __all__ = ["DTYPE_NAMES", "ValidationError", "decode", "decode_torch", "encode"]
 

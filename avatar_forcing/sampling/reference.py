@@ -13,18 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from avatar_forcing.block_sampler import BlockRequest, BlockSampler, Conditions
-from avatar_forcing.sampling import GuidanceScales
+from avatar_forcing.sampling.block_sampler import BlockRequest, BlockSampler, Conditions, pad_frames
+from avatar_forcing.sampling.euler import GuidanceScales
 
 NoiseFn = Callable[[int], Tensor]  # number of frames -> (n, 512) noise
-
-
-def pad_frames(track: Tensor, length: int) -> Tensor:
-    """(T, D) -> (length, D), repeating the last frame (never truncating)."""
-    missing = length - track.shape[0]
-    if missing <= 0:
-        return track
-    return torch.cat([track, track[-1:].expand(missing, -1)])
 
 
 def torch_noise(generator: torch.Generator, dim: int = 512) -> NoiseFn:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from avatar_forcing.audio_encoder import AudioEncoder
-from avatar_forcing.block_sampler import BlockSampler
 from avatar_forcing.config import ModelConfig
-from avatar_forcing.flow_transformer import FlowTransformer
-from avatar_forcing.motion_autoencoder import MotionAutoEncoder
+from avatar_forcing.nn.audio_encoder import AudioEncoder
+from avatar_forcing.nn.flow_transformer import FlowTransformer
+from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
+from avatar_forcing.sampling.block_sampler import BlockSampler
 
 
 class AvatarForcing(nn.Module):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from avatar_forcing.config import ModelConfig, paper
-from avatar_forcing.model import AvatarForcing
+from avatar_forcing.nn.model import AvatarForcing
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -86,7 +86,7 @@ def load_release(
         wanted = {k: v for k, v in expected.items() if k.startswith(prefixes)}
         check_state(wanted, state, str(path))
         merged.update(state)
-    from avatar_forcing.audio_encoder import AudioEncoder
+    from avatar_forcing.nn.audio_encoder import AudioEncoder
 
     wav2vec2 = AudioEncoder.from_pretrained_dir(wav2vec2_dir, config.audio).wav2vec2
     wav2vec2_state = {f"audio_encoder.wav2vec2.{k}": v for k, v in wav2vec2.state_dict().items()}

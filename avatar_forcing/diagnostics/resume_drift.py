@@ -17,9 +17,9 @@ import time
 import torch
 
 from avatar_forcing.config import preset
-from avatar_forcing.history import HistoryBlock
-from avatar_forcing.model import random_model
-from avatar_forcing.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.engine.history import HistoryBlock
+from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.nn.model import random_model
 
 
 def run(config_name: str, frames: int, keeps: list[int], resume_points: int, follow_blocks: int, seed: int) -> None:

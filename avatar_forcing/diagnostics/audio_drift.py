@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatar_forcing.audio_encoder import AudioEncoder, normalize_waveform, num_frames_for
 from avatar_forcing.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, preset
-from avatar_forcing.streaming_audio import StreamingAudioFeatures
+from avatar_forcing.engine.streaming_audio import StreamingAudioFeatures
+from avatar_forcing.nn.audio_encoder import AudioEncoder, normalize_waveform, num_frames_for
 
 SPEECH_TEXT = (
     "Hello, and thank you for joining the call today. I wanted to walk you through the results "

@@ -20,11 +20,11 @@ from contextlib import nullcontext
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from avatar_forcing.block_sampler import BlockRequest, BlockSampler, Conditions
 from avatar_forcing.config import preset
-from avatar_forcing.model import random_model
-from avatar_forcing.motion_stream import MotionStream, StreamOptions
-from avatar_forcing.sampling import GUIDANCE_ROWS
+from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.nn.model import random_model
+from avatar_forcing.sampling.block_sampler import BlockRequest, BlockSampler, Conditions
+from avatar_forcing.sampling.euler import GUIDANCE_ROWS
 
 
 def _sync(device: torch.device) -> None:

@@ -40,13 +40,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avatar_forcing.audio_encoder import (
+from avatar_forcing.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from avatar_forcing.nn.audio_encoder import (
     AudioEncoder,
     normalize_waveform,
     pad_to_frames,
     validate_waveform,
 )
-from avatar_forcing.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 # Defaults chosen from the drift measurement in docs/audio-streaming.md (random weights: re-measure
 # with the real wav2vec2-base-960h). Past 4 s of left context the drift hardly falls while the cost

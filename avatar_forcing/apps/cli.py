@@ -26,9 +26,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def load_model(args: argparse.Namespace):
     import torch
 
-    from avatar_forcing.checkpoints import load_pretrained
     from avatar_forcing.config import preset
-    from avatar_forcing.model import random_model
+    from avatar_forcing.nn.checkpoints import load_pretrained
+    from avatar_forcing.nn.model import random_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,9 +47,9 @@ def load_model(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from avatar_forcing.generate import GenerationRequest, generate_video
-    from avatar_forcing.motion_stream import StreamOptions
-    from avatar_forcing.sampling import GuidanceScales
+    from avatar_forcing.apps.generate import GenerationRequest, generate_video
+    from avatar_forcing.engine.motion_stream import StreamOptions
+    from avatar_forcing.sampling.euler import GuidanceScales
 
     for name in ("portrait", "avatar_audio", "user_video", "user_audio"):
         path = getattr(args, name)
@@ -77,8 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from avatar_forcing.checkpoints import convert_release
     from avatar_forcing.config import preset
+    from avatar_forcing.nn.checkpoints import convert_release
 
     out = convert_release(args.flow_transformer, args.motion_autoencoder, args.wav2vec2, args.out, preset(args.config))
     print(f"wrote {out}")
@@ -114,12 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     for name, module, help_text in (
-        ("bench", "avatar_forcing.bench", "per-block generation cost against the machine's matmul rate"),
-        ("audio-drift", "avatar_forcing.audio_drift", "streaming audio features vs whole-clip features"),
-        ("resume-drift", "avatar_forcing.resume_drift", "a session rebuilt from its history vs uninterrupted"),
-        ("serve", "services.launcher", "start Ray, Redis and the services locally; print the gRPC endpoint"),
+        ("bench", "avatar_forcing.diagnostics.bench", "per-block generation cost against the machine's matmul rate"),
+        ("audio-drift", "avatar_forcing.diagnostics.audio_drift", "streaming audio features vs whole-clip features"),
+        (
+            "resume-drift",
+            "avatar_forcing.diagnostics.resume_drift",
+            "a session rebuilt from its history vs uninterrupted",
+        ),
+        ("serve", "services.local.launcher", "start Ray, Redis and the services locally; print the gRPC endpoint"),
         ("client", "services.client.cli", "stream a portrait + audio + user video through a server"),
-        ("serve-bench", "services.bench_stack", "stage and end-to-end latency, concurrent sessions, batching gain"),
+        ("serve-bench", "bench.stack", "stage and end-to-end latency, concurrent sessions, batching gain"),
     ):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(func=None, module=module)

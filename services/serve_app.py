@@ -1,6 +1,6 @@
 """The Ray Serve application: four model deployments behind the session ingress.
 
-`serve run services.app:app` (or a Serve config with `import_path: services.app:app`)
+`serve run services.serve_app:app` (or a Serve config with `import_path: services.serve_app:app`)
 deploys it with settings from the environment; `build_app(args)` takes overrides
 (`config`, `weights`, `redis_url`, ...) for the local launcher and tests.
 """

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avatar_forcing.face_crop import FaceCropper, FaceTrack
-from avatar_forcing.frames import PortraitEncoding, decode_frames, encode_portrait, encode_user_motion
-from avatar_forcing.model import AvatarForcing
-from avatar_forcing.motion_stream import STREAMS, MotionStream, StreamOptions
-from avatar_forcing.streaming_audio import DEFAULT_LEFT_CONTEXT_S, StreamingAudioFeatures
+from avatar_forcing.engine.motion_stream import STREAMS, MotionStream, StreamOptions
+from avatar_forcing.engine.portrait import PortraitEncoding, decode_frames, encode_portrait, encode_user_motion
+from avatar_forcing.engine.streaming_audio import DEFAULT_LEFT_CONTEXT_S, StreamingAudioFeatures
+from avatar_forcing.media.face_crop import FaceCropper, FaceTrack
+from avatar_forcing.nn.model import AvatarForcing
 
 
 @dataclass

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from avatar_forcing.audio_encoder import num_frames_for
 from avatar_forcing.config import SAMPLES_PER_FRAME
-from avatar_forcing.face_crop import FaceCropper
-from avatar_forcing.frames import decode_frames, encode_portrait, encode_user_motion
-from avatar_forcing.media import VideoWriter, load_audio, load_image, read_video, side_by_side
-from avatar_forcing.model import AvatarForcing
-from avatar_forcing.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.engine.portrait import decode_frames, encode_portrait, encode_user_motion
+from avatar_forcing.media.face_crop import FaceCropper
+from avatar_forcing.media.io import VideoWriter, load_audio, load_image, read_video, side_by_side
+from avatar_forcing.nn.audio_encoder import num_frames_for
+from avatar_forcing.nn.model import AvatarForcing
 
 
 @dataclass

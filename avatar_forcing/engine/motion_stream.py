@@ -24,11 +24,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from avatar_forcing.block_sampler import BlockRequest, BlockResult, BlockSampler, Conditions
-from avatar_forcing.history import HistoryBlock, replay_history, safetensors_metadata
-from avatar_forcing.kv_cache import FlowCache
-from avatar_forcing.offline import pad_frames
-from avatar_forcing.sampling import GuidanceScales
+from avatar_forcing.engine.history import HistoryBlock, replay_history, safetensors_metadata
+from avatar_forcing.nn.kv_cache import FlowCache
+from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult, BlockSampler, Conditions, pad_frames
+from avatar_forcing.sampling.euler import GuidanceScales
 
 STREAMS = ("avatar_audio", "user_audio", "user_motion")
 STATE_VERSION = 1
@@ -304,7 +303,7 @@ class MotionStream:
     ) -> MotionStream:
         """A stream continuing after the last history block, built on another replica.
 
-        The KV cache is replayed from `history` (see `avatar_forcing.history`); the noise RNG
+        The KV cache is replayed from `history` (see `avatar_forcing.engine.history`); the noise RNG
         continues from `rng_state` (saved after that block); the frame cursor follows the last
         block. Inputs for frames from the cursor on must be pushed again by the caller.
         """

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from avatar_forcing.config import FlowConfig
-from avatar_forcing.dual_motion_encoder import DualMotionEncoder
-from avatar_forcing.kv_cache import FlowCache, LayerKV
+from avatar_forcing.nn.dual_motion_encoder import DualMotionEncoder
+from avatar_forcing.nn.kv_cache import FlowCache, LayerKV
 
 TIME_FREQUENCIES = 256
 ROPE_BASE = 10000.0

@@ -68,7 +68,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from services.common.config import Settings
-from services.common.errors import (
+from services.wire.errors import (
     CapacityExceededError,
     FailedPreconditionError,
     FrameConflictError,

@@ -42,7 +42,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from services.launcher import REPO_ROOT, LocalService, start_local
+from services.local.launcher import REPO_ROOT, LocalService, start_local
 
 SAMPLES_DIR = REPO_ROOT / "samples"
 APP_NAME = "avatar_forcing_bench"
@@ -91,7 +91,7 @@ def _looped(samples: np.ndarray, frame: int) -> np.ndarray:
 
 
 def load_media(samples_dir: Path = SAMPLES_DIR) -> Media:
-    from avatar_forcing.media import load_audio, read_video
+    from avatar_forcing.media.io import load_audio, read_video
 
     clip = read_video(samples_dir / "user.mp4")
     speech = (np.clip(load_audio(samples_dir / "avatar_speech.wav"), -1, 1) * 32767).astype(np.int16)
@@ -375,7 +375,7 @@ async def paced_session(
     camera deliver them), then EndOfInput; reads every frame to the end of the stream.
     Never raises: failures are in `SessionResult.error`. Bounded by `timeout_s`."""
     from services.client.session import AvatarClient
-    from services.common.protos import pb
+    from services.wire.protos import pb
 
     result = SessionResult(name, frames)
     timeout_s = timeout_s if timeout_s is not None else frames * FRAME_S + 60.0
@@ -459,9 +459,9 @@ async def measure_stages(stack: BenchStack, media: Media, repeats: int = 30, war
     import grpc
 
     from avatar_forcing.config import preset
-    from avatar_forcing.face_crop import FaceCropper, FaceTrack
-    from services.common.protos import Limit, grpc_options, pb, pb_grpc
-    from services.common.tensors import encode
+    from avatar_forcing.media.face_crop import FaceCropper, FaceTrack
+    from services.wire.protos import Limit, grpc_options, pb, pb_grpc
+    from services.wire.tensors import encode
 
     tenant, sid = "bench", f"stages-{uuid.uuid4().hex[:8]}"
     md = stack.metadata(tenant)
@@ -686,10 +686,10 @@ def library_batching(config: str, batch: int, repeats: int, threads: int) -> Bat
     (after the warm start: 2 context + 10 new frames, a full cache), nfe 10, `threads` torch threads."""
     import torch
 
-    from avatar_forcing.block_sampler import BlockSampler
     from avatar_forcing.config import preset
-    from avatar_forcing.flow_transformer import FlowTransformer
-    from avatar_forcing.motion_stream import MotionStream, StreamOptions
+    from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
+    from avatar_forcing.nn.flow_transformer import FlowTransformer
+    from avatar_forcing.sampling.block_sampler import BlockSampler
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -738,8 +738,8 @@ async def _open_sessions(stack: BenchStack, count: int, tenant: str) -> list[str
     import grpc
     import torch
 
-    from services.common.protos import grpc_options, pb, pb_grpc
-    from services.common.tensors import encode
+    from services.wire.protos import grpc_options, pb, pb_grpc
+    from services.wire.tensors import encode
 
     ids = [f"batch-{uuid.uuid4().hex[:8]}-{i}" for i in range(count)]
     async with grpc.aio.insecure_channel(stack.target, options=grpc_options()) as channel:
@@ -762,8 +762,8 @@ async def _open_sessions(stack: BenchStack, count: int, tenant: str) -> list[str
 def _block_request(sid: str, tenant: str, first: int, seed: int):
     import torch
 
-    from services.common.protos import pb
-    from services.common.tensors import encode
+    from services.wire.protos import pb
+    from services.wire.tensors import encode
 
     g = torch.Generator().manual_seed(seed)
     features = {
@@ -803,7 +803,7 @@ async def service_batching_proxy(stack: BenchStack, batch: int, rounds: int, rep
     `repeats` times, best of each."""
     import grpc
 
-    from services.common.protos import grpc_options, pb_grpc
+    from services.wire.protos import grpc_options, pb_grpc
 
     tenant = "bench"
     ids = await _open_sessions(stack, batch, tenant)
@@ -835,7 +835,7 @@ async def service_batching_proxy(stack: BenchStack, batch: int, rounds: int, rep
 async def _close_sessions(stack: BenchStack, ids: list[str], tenant: str) -> None:
     import grpc
 
-    from services.common.protos import grpc_options, pb, pb_grpc
+    from services.wire.protos import grpc_options, pb, pb_grpc
 
     async with grpc.aio.insecure_channel(stack.target, options=grpc_options()) as channel:
         stub = pb_grpc.MotionGeneratorStub(channel)
@@ -869,9 +869,9 @@ async def service_batching_handles(stack: BenchStack, batch: int, rounds: int, r
     alternate `repeats` times, best of each."""
     from ray import serve
 
-    from services.common.protos import pb
-    from services.common.tensors import encode
     from services.generator.deployment import Generator
+    from services.wire.protos import pb
+    from services.wire.tensors import encode
 
     overrides = {"model_preset": stack.config, "redis_url": stack.redis_url, "redis_prefix": stack.prefix}
     variant = Generator.options(name="generator_unbatched", num_replicas=1, func_or_class=unbatched_generator_class())

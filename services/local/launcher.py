@@ -54,7 +54,7 @@ DEV_TOKEN_TTL_S = 24 * 3600.0
 # machines get at least this many (the replicas share the real cores).
 MIN_LOCAL_CPUS = 4
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the directory that holds `services/`
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the repository root (holds `services/`)
 
 Log = Callable[[str], None]
 
@@ -235,7 +235,7 @@ def ensure_redis(url: str, *, start_if_down: bool | None = None, log: Log = _pri
 
 def servicer_functions() -> list[str]:
     """Import paths of the five add_*Servicer_to_server functions, for Serve's gRPC proxy."""
-    from services.common.protos import SERVICES, servicer_function
+    from services.wire.protos import SERVICES, servicer_function
 
     return [servicer_function(service) for service in SERVICES]
 
@@ -403,7 +403,7 @@ def _deploy_config(config: Any, timeout_s: float) -> None:
 
 def _build_app(app_args: dict[str, Any]) -> Any:
     try:
-        from services.app import build_app
+        from services.serve_app import build_app
     except ImportError as exc:
         raise LauncherError(f"services.app.build_app cannot be imported ({exc})") from None
     return build_app(app_args)

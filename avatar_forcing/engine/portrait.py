@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avatar_forcing.media import from_uint8, to_uint8
-from avatar_forcing.motion_autoencoder import MotionAutoEncoder
+from avatar_forcing.media.io import from_uint8, to_uint8
+from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Applications: offline generation and the `avatar-forcing` command line."""

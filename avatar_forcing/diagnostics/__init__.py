@@ -1,0 +1,1 @@
+"""Measurements: engine benchmark, streaming-audio drift, resume drift."""

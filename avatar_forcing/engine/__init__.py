@@ -1,0 +1,1 @@
+"""The streaming engine: condition streams in, motion blocks out, with explicit, serialisable session state."""

@@ -1,0 +1,1 @@
+"""Media I/O (video, audio, images) and face crops."""

@@ -1,0 +1,1 @@
+"""One machine: the local launcher (Ray, Redis, the Serve app)."""

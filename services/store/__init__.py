@@ -1,0 +1,1 @@
+"""Redis session state: the only code that reads or writes Redis keys."""
