@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.wire.ids import ID_PATTERN, is_valid_id
+
 T = TypeVar("T")
 
 PRESETS = ("paper", "tiny")
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _SIZE_UNITS |= {"KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -96,7 +97,7 @@ class Settings:
         need(self.max_sessions_per_replica >= 1, "AF_MAX_SESSIONS_PER_REPLICA", self.max_sessions_per_replica,
              "an integer >= 1")  # fmt: skip
         need(self.cache_budget_bytes > 0, "AF_CACHE_BUDGET_BYTES", self.cache_budget_bytes, "a size > 0")
-        need(bool(_ID_RE.match(self.replica_id)), "AF_REPLICA_ID", self.replica_id, "[A-Za-z0-9_-]{1,64}")
+        need(is_valid_id(self.replica_id), "AF_REPLICA_ID", self.replica_id, ID_PATTERN)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:

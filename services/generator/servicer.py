@@ -35,7 +35,7 @@ from avatar_forcing.engine.motion_stream import STREAMS, MotionBlock, MotionStre
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult, BlockSampler
 from avatar_forcing.sampling.euler import GuidanceScales
 from services.common.telemetry import metrics, rpc_span
-from services.store.session_store import Claim, SessionStore, check_id
+from services.store.session_store import Claim, SessionStore
 from services.wire.errors import (
     CapacityExceededError,
     FailedPreconditionError,
@@ -45,6 +45,7 @@ from services.wire.errors import (
     TenantMismatchError,
     ValidationError,
 )
+from services.wire.ids import check_id
 from services.wire.protos import Limit, pb
 from services.wire.tensors import decode_torch, encode
 

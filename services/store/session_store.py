@@ -80,11 +80,11 @@ from services.wire.errors import (
     TenantMismatchError,
     ValidationError,
 )
+from services.wire.ids import check_id
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 STATUSES = ("created", "active", "ended")
 MAX_OPTIONS_BYTES = 4096
 MAX_ROOM_CHARS = 256
@@ -411,12 +411,6 @@ _UNAVAILABLE = (
 
 
 # -- validation --------------------------------------------------------------------------------
-
-
-def check_id(name: str, value: str) -> str:
-    if not isinstance(value, str) or not ID_RE.match(value):
-        raise ValidationError(name, f"got {value!r}; expected 1-64 characters of [A-Za-z0-9_-]")
-    return value
 
 
 def _check_ids(session_id: str, tenant_id: str) -> None:
