@@ -159,6 +159,7 @@ def tiny() -> ModelConfig:
 
 
 PRESETS = {"paper": paper, "tiny": tiny}
+PRESET_NAMES = tuple(PRESETS)  # for argparse choices and messages
 
 
 def preset(name: str) -> ModelConfig:

@@ -68,9 +68,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     )
 
 
-def app_builder(args: dict[str, Any]) -> Application:
-    """Serve's application-builder entry point (`import_path` with `args:` in a Serve config)."""
-    return build_app(args)
-
-
 app = build_app()

@@ -1,10 +1,23 @@
-"""`avatar-forcing` command line: generate, convert, bench, audio-drift, serve, client."""
+"""`avatar-forcing` command line.
+
+The library's own commands (generate, convert, bench, audio-drift, resume-drift) live here.
+Other installed packages add commands through the `avatar_forcing.commands` entry-point group
+(the services register `serve`, `client` and `serve-bench`): each entry point names a
+`main(argv: list[str]) -> int` whose docstring's first line is its help. The library never
+imports them by name, so it stays usable without the services installed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+
+from avatar_forcing.config import PRESET_NAMES
+
+COMMAND_GROUP = "avatar_forcing.commands"
 
 RANDOM_INIT_BANNER = """\
 ================================================================================
@@ -18,7 +31,7 @@ RANDOM_INIT_BANNER = """\
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, help="directory made by `avatar-forcing convert`")
     parser.add_argument("--random-init", action="store_true", help="random weights (smoke runs only)")
-    parser.add_argument("--config", default="tiny", choices=("tiny", "paper"), help="preset for --random-init")
+    parser.add_argument("--config", default="tiny", choices=PRESET_NAMES, help="preset for --random-init")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
@@ -80,9 +93,40 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from avatar_forcing.config import preset
     from avatar_forcing.nn.checkpoints import convert_release
 
-    out = convert_release(args.flow_transformer, args.motion_autoencoder, args.wav2vec2, args.out, preset(args.config))
+    def note(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    out = convert_release(
+        args.flow_transformer, args.motion_autoencoder, args.wav2vec2, args.out, preset(args.config), on_ignored=note
+    )
     print(f"wrote {out}")
     return 0
+
+
+def registered_commands() -> list[EntryPoint]:
+    """Commands other installed packages register under `avatar_forcing.commands`, by name."""
+    return sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name)
+
+
+def _module_main(module: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(argv)
+
+    return run
+
+
+def _entry_help(entry: EntryPoint) -> str:
+    try:
+        doc = entry.load().__doc__ or ""
+    except Exception as exc:  # a broken plugin must not break the library's own commands
+        return f"(unavailable: {type(exc).__name__}: {exc})"
+    return doc.strip().splitlines()[0] if doc.strip() else f"provided by {entry.value}"
+
+
+def _entry_main(entry: EntryPoint) -> Callable[[list[str]], int]:
+    return lambda argv: entry.load()(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--flow-transformer", type=Path, required=True, help="flow_transformer.pth")
     conv.add_argument("--motion-autoencoder", type=Path, required=True, help="motion_autoencoder.pth")
     conv.add_argument("--wav2vec2", type=Path, required=True, help="local wav2vec2-base-960h folder")
-    conv.add_argument("--config", default="paper", choices=("tiny", "paper"))
+    conv.add_argument("--config", default="paper", choices=PRESET_NAMES)
     conv.add_argument("--out", type=Path, required=True)
     conv.set_defaults(func=cmd_convert)
 
@@ -121,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
             "avatar_forcing.diagnostics.resume_drift",
             "a session rebuilt from its history vs uninterrupted",
         ),
-        ("serve", "services.local.launcher", "start Ray, Redis and the services locally; print the gRPC endpoint"),
-        ("client", "services.client.cli", "stream a portrait + audio + user video through a server"),
-        ("serve-bench", "bench.stack", "stage and end-to-end latency, concurrent sessions, batching gain"),
     ):
         p = sub.add_parser(name, help=help_text, add_help=False)
-        p.set_defaults(func=None, module=module)
+        p.set_defaults(func=None, run=_module_main(module))
+    for entry in registered_commands():
+        if entry.name in sub.choices:
+            continue  # the library's own command wins over a plugin of the same name
+        p = sub.add_parser(entry.name, help=_entry_help(entry), add_help=False)
+        p.set_defaults(func=None, run=_entry_main(entry))
     return parser
 
 
@@ -135,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.func is None:  # delegated subcommands parse their own options
-        import importlib
-
-        return importlib.import_module(args.module).main(rest)
+        return args.run(rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatar_forcing.config import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, preset
+from avatar_forcing.config import FPS, PRESET_NAMES, SAMPLE_RATE, SAMPLES_PER_FRAME, preset
 from avatar_forcing.engine.streaming_audio import StreamingAudioFeatures
 from avatar_forcing.nn.audio_encoder import AudioEncoder, normalize_waveform, num_frames_for
 
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drift of bounded-window streaming audio features vs whole-clip features.",
     )
     p.add_argument("--wav", type=Path, help="16-bit PCM speech (resampled to 16 kHz); default: espeak-ng speech")
-    p.add_argument("--config", choices=["tiny", "paper"], default="paper")
+    p.add_argument("--config", choices=PRESET_NAMES, default="paper")
     p.add_argument("--wav2vec2", type=Path, help="local transformers wav2vec2 folder; default: random weights")
     p.add_argument("--projection", type=Path, help="flow_transformer.pth holding audio_encoder.audio_projection.*")
     p.add_argument("--windows", default="0.5,1,2,4,8", help="left contexts in seconds, comma-separated")

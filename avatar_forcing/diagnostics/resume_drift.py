@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from avatar_forcing.config import preset
+from avatar_forcing.config import PRESET_NAMES, preset
 from avatar_forcing.engine.history import HistoryBlock
 from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
 from avatar_forcing.nn.model import random_model
@@ -74,7 +74,7 @@ def run(config_name: str, frames: int, keeps: list[int], resume_points: int, fol
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="avatar-forcing resume-drift", description=__doc__)
-    parser.add_argument("--config", default="tiny", choices=("tiny", "paper"))
+    parser.add_argument("--config", default="tiny", choices=PRESET_NAMES)
     parser.add_argument("--frames", type=int, default=400)
     parser.add_argument("--keeps", default="5,6,8,12,16,64", help="history ring sizes (blocks) to try")
     parser.add_argument("--resume-points", type=int, default=4)

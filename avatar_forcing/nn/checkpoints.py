@@ -4,7 +4,11 @@ Released: `flow_transformer.pth` (keys `flow_transformer.*` and
 `audio_encoder.audio_projection.*`), `motion_autoencoder.pth` (`motion_autoencoder.*`),
 plain PyTorch state dicts, and a local `wav2vec2-base-960h` folder in transformers
 format. Unlike the release, which silently skips unknown keys, loading is strict:
-missing keys, unexpected keys and shape mismatches are all reported by name.
+missing keys, unexpected keys and shape mismatches are all reported by name. The one
+exception is the release's own non-parameter buffers: its flow transformer registers its
+two attention masks as persistent buffers, so a `state_dict()` of the released model carries
+them. We rebuild those masks from the config, so they are checked against the shape they
+must have and reported as ignored (`RELEASE_BUFFERS`); every other key stays strict.
 
 Own format: a directory with `config.json` (a `ModelConfig`) and
 `model.safetensors` (the full state dict).
@@ -12,6 +16,8 @@ Own format: a directory with `config.json` (a `ModelConfig`) and
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,12 +27,18 @@ from torch import Tensor
 from avatar_forcing.config import ModelConfig, paper
 from avatar_forcing.nn.model import AvatarForcing
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 RELEASE_FILES = {
     "flow_transformer.pth": ("flow_transformer.", "audio_encoder.audio_projection."),
     "motion_autoencoder.pth": ("motion_autoencoder.",),
 }
+
+
+# The release's persistent buffers that are not parameters of ours: (window, window) bool masks.
+RELEASE_BUFFERS = ("flow_transformer.alignment_mask", "flow_transformer.block_bidir_causal_lookahead_mask")
 
 
 class CheckpointError(ValueError):
@@ -68,21 +80,44 @@ def _read_pth(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def drop_release_buffers(
+    state: dict[str, Tensor], config: ModelConfig, source: str
+) -> tuple[dict[str, Tensor], list[str]]:
+    """`state` without the release's known mask buffers, and their names; a mis-shaped one raises."""
+    window = config.flow.window
+    wrong = [
+        f"{k} (checkpoint {tuple(state[k].shape)}, expected ({window}, {window}))"
+        for k in RELEASE_BUFFERS
+        if k in state and tuple(state[k].shape) != (window, window)
+    ]
+    if wrong:
+        raise CheckpointError(_describe(source, [], [], wrong))
+    ignored = [k for k in RELEASE_BUFFERS if k in state]
+    return {k: v for k, v in state.items() if k not in RELEASE_BUFFERS}, ignored
+
+
 def load_release(
     flow_transformer: str | Path,
     motion_autoencoder: str | Path,
     wav2vec2_dir: str | Path,
     config: ModelConfig | None = None,
+    on_ignored: Callable[[str], None] | None = None,
 ) -> AvatarForcing:
-    """Build the model from the released checkpoints (local paths only)."""
+    """Build the model from the released checkpoints (local paths only).
+
+    `on_ignored` receives one line per ignored release buffer (default: the log at INFO).
+    """
     config = config or paper()
+    report = on_ignored or log.info
     model = AvatarForcing(config)
     expected = model.state_dict()
     files = {"flow_transformer.pth": Path(flow_transformer), "motion_autoencoder.pth": Path(motion_autoencoder)}
     merged: dict[str, Tensor] = {}
     for name, path in files.items():
         prefixes = RELEASE_FILES[name]
-        state = _read_pth(path)
+        state, ignored = drop_release_buffers(_read_pth(path), config, str(path))
+        for key in ignored:
+            report(f"{path}: ignored {key} (a mask the model rebuilds from its config)")
         wanted = {k: v for k, v in expected.items() if k.startswith(prefixes)}
         check_state(wanted, state, str(path))
         merged.update(state)
@@ -128,6 +163,8 @@ def convert_release(
     wav2vec2_dir: str | Path,
     out_dir: str | Path,
     config: ModelConfig | None = None,
+    on_ignored: Callable[[str], None] | None = None,
 ) -> Path:
     """Released files -> the project's format, in one call."""
-    return save_pretrained(load_release(flow_transformer, motion_autoencoder, wav2vec2_dir, config), out_dir)
+    model = load_release(flow_transformer, motion_autoencoder, wav2vec2_dir, config, on_ignored)
+    return save_pretrained(model, out_dir)

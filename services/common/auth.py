@@ -13,8 +13,8 @@ A bad token raises `AuthError` (an `UnauthenticatedError`, so handlers answer UN
 whose `reason` is one of `REASONS` and whose message says what is wrong - never the token
 itself: tokens are credentials and never appear in errors or logs.
 
-PyJWT does the work when it is installed; otherwise a small built-in HS256 codec produces and
-accepts the same tokens (tests run both).
+PyJWT encodes and verifies the tokens; the time checks (expiry, not-before, leeway) are ours,
+so that they run with the caller's clock.
 
 The secret comes from AVATAR_FORCING_AUTH_SECRET (at least 32 bytes). Only the local launcher
 (`avatar-forcing serve`) falls back to a development secret, random per process (`dev_secret()`,
@@ -28,11 +28,7 @@ Mint a token from a shell (the secret from the environment):
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
@@ -42,12 +38,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from services.wire.errors import PermissionDeniedError, UnauthenticatedError
+import jwt
 
-try:  # PyJWT is optional: the built-in codec below is the fallback
-    import jwt as _jwt
-except ImportError:  # pragma: no cover - depends on the environment
-    _jwt = None
+from services.wire.errors import PermissionDeniedError, UnauthenticatedError
 
 SECRET_ENV = "AVATAR_FORCING_AUTH_SECRET"
 MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key at least as long as the hash
@@ -173,9 +166,7 @@ def mint_token(
     scope_text = _check_scopes(scope)
     if scope_text is not None:
         claims["scope"] = scope_text
-    if _jwt is not None:
-        return _jwt.encode(claims, key, algorithm=ALGORITHM)
-    return _encode_hs256(claims, key)
+    return jwt.encode(claims, key, algorithm=ALGORITHM)
 
 
 # --- verify ---------------------------------------------------------------------------------------
@@ -195,8 +186,7 @@ def verify_claims(token: str | bytes, secret: str | bytes, *, now: float | None 
     if len(token) > MAX_TOKEN_BYTES:
         raise AuthError("malformed", f"the token is {len(token)} bytes; expected at most {MAX_TOKEN_BYTES}")
     current = time.time() if now is None else now
-    payload = _decode_pyjwt(token, key, current) if _jwt is not None else _decode_hs256(token, key, current)
-    return _claims(payload)
+    return _claims(_decode(token, key, current))
 
 
 def verify_token(token: str | bytes, secret: str | bytes, *, scope: str | None = None, now: float | None = None) -> str:
@@ -222,13 +212,13 @@ def _claims(payload: Any) -> TokenClaims:
     return TokenClaims(tenant_id=tenant, expires_at=float(payload["exp"]), scopes=scopes)
 
 
-def _decode_pyjwt(token: str, key: bytes, now: float) -> Any:
-    errors = _jwt.exceptions
+def _decode(token: str, key: bytes, now: float) -> Any:
+    errors = jwt.exceptions
     try:
         # `algorithms` pins HS256: "none" and algorithm-confusion tokens are rejected.
-        # Times are checked below with the caller's clock, the same way for both codecs.
+        # Times are checked below with the caller's clock.
         options = {"require": ["exp"], "verify_exp": False, "verify_nbf": False, "verify_iat": False}
-        payload = _jwt.decode(token, key, algorithms=[ALGORITHM], options=options)
+        payload = jwt.decode(token, key, algorithms=[ALGORITHM], options=options)
     except errors.InvalidSignatureError:
         raise AuthError(
             "bad_signature", "the token's signature does not match (wrong secret or altered token)"
@@ -243,54 +233,6 @@ def _decode_pyjwt(token: str, key: bytes, now: float) -> Any:
             detail = "details withheld"  # never echo the token
         raise AuthError("malformed", f"not a valid JWT ({type(exc).__name__}: {detail})") from None
     _check_times(payload, now)  # with the caller's clock (tests pass `now`)
-    return payload
-
-
-# Built-in HS256 codec: compact JWS with a JSON payload, as RFC 7515 / 7519 define it.
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str, part: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise AuthError("malformed", f"the token's {part} is not base64url") from None
-
-
-def _json(data: bytes, part: str) -> Any:
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError):
-        raise AuthError("malformed", f"the token's {part} is not JSON") from None
-
-
-def _encode_hs256(claims: dict[str, Any], key: bytes) -> str:
-    header = _b64encode(json.dumps({"alg": ALGORITHM, "typ": "JWT"}, separators=(",", ":")).encode())
-    payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
-    signing_input = f"{header}.{payload}".encode("ascii")
-    return f"{header}.{payload}.{_b64encode(hmac.digest(key, signing_input, hashlib.sha256))}"
-
-
-def _decode_hs256(token: str, key: bytes, now: float) -> Any:
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise AuthError("malformed", f"the token has {len(parts)} dot-separated parts; expected 3 (a JWT)")
-    header = _json(_b64decode(parts[0], "header"), "header")
-    if not isinstance(header, dict) or header.get("alg") != ALGORITHM:
-        raise AuthError("malformed", f"the token's algorithm is not {ALGORITHM}")
-    signature = _b64decode(parts[2], "signature")
-    expected = hmac.digest(key, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256)
-    if not hmac.compare_digest(signature, expected):
-        raise AuthError("bad_signature", "the token's signature does not match (wrong secret or altered token)")
-    payload = _json(_b64decode(parts[1], "payload"), "payload")
-    if not isinstance(payload, dict):
-        raise AuthError("malformed", "the token's payload is not a JSON object")
-    if "exp" not in payload:
-        raise AuthError("malformed", "the token has no `exp` claim")
-    _check_times(payload, now)
     return payload
 
 

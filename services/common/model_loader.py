@@ -2,7 +2,7 @@
 
     model = load_model(settings)   # AvatarForcing in eval mode, on cuda when available
 
-`settings.weights_dir` set: the converted checkpoint there (`avatar_forcing.checkpoints.load_pretrained`).
+`settings.weights_dir` set: the converted checkpoint there (`avatar_forcing.nn.checkpoints.load_pretrained`).
 Unset: random weights of `settings.model_preset`, seeded so that every replica and process builds
 the same weights (smoke runs and tests only: the output is not a face), with a loud warning.
 
@@ -62,9 +62,3 @@ def _build(settings: Settings, weights: str, device: torch.device) -> AvatarForc
     with torch.random.fork_rng(devices=[]):  # seeded weights without reseeding the process's RNG
         model = random_model(preset(settings.model_preset), seed=RANDOM_SEED)
     return model.to(device).eval()
-
-
-def clear_cache() -> None:
-    """Forget the loaded models (tests)."""
-    with _lock:
-        _models.clear()

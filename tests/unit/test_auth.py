@@ -1,10 +1,11 @@
-"""Tenant tokens (services.common.auth): minting and verifying with PyJWT and with the built-in
-HS256 codec (the same tokens either way), every rejection reason, gRPC metadata parsing, and
-that a token never appears in an error."""
+"""Tenant tokens (services.common.auth): minting and verifying, every rejection reason, gRPC
+metadata parsing, and that a token never appears in an error."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 
@@ -18,15 +19,6 @@ from services.wire.errors import UnauthenticatedError, status_of
 SECRET = "unit-test-secret-that-is-long-enough-32"
 OTHER = "another-unit-test-secret-long-enough-32"
 NOW = 1_800_000_000.0
-
-
-@pytest.fixture(params=["pyjwt", "builtin"])
-def backend(request, monkeypatch):
-    if request.param == "pyjwt":
-        pytest.importorskip("jwt")
-    else:
-        monkeypatch.setattr(auth, "_jwt", None)
-    return request.param
 
 
 def b64(data: dict) -> str:
@@ -50,7 +42,7 @@ def reject(token, secret=SECRET, now=NOW) -> AuthError:
     return caught.value
 
 
-def test_round_trip_and_claims(backend):
+def test_round_trip_and_claims():
     token = mint_token("acme", SECRET, ttl_s=60, now=NOW)
     assert verify_token(token, SECRET, now=NOW + 59) == "acme"
     claims = verify_claims(token, SECRET, now=NOW)
@@ -58,27 +50,28 @@ def test_round_trip_and_claims(backend):
     assert verify_token(token.encode(), SECRET, now=NOW) == "acme"  # bytes from metadata work too
 
 
-def test_both_codecs_make_and_accept_the_same_tokens(monkeypatch):
-    pytest.importorskip("jwt")
-    with_pyjwt = mint_token("acme", SECRET, ttl_s=60, now=NOW, scope="session")
-    monkeypatch.setattr(auth, "_jwt", None)
-    builtin = mint_token("acme", SECRET, ttl_s=60, now=NOW, scope="session")
-    assert verify_token(with_pyjwt, SECRET, now=NOW) == "acme"
-    monkeypatch.undo()
-    assert verify_token(builtin, SECRET, now=NOW) == "acme"
-    assert [json.loads(base64.urlsafe_b64decode(t.split(".")[1] + "==")) for t in (with_pyjwt, builtin)] == [
-        {"tenant": "acme", "iat": int(NOW), "exp": int(NOW) + 60, "scope": "session"}
-    ] * 2
+def test_the_token_is_a_standard_hs256_jwt():
+    token = mint_token("acme", SECRET, ttl_s=60, now=NOW, scope="session")
+    header, payload, signature = token.split(".")
+    assert json.loads(base64.urlsafe_b64decode(header + "==")) == {"alg": "HS256", "typ": "JWT"}
+    assert json.loads(base64.urlsafe_b64decode(payload + "==")) == {
+        "tenant": "acme",
+        "iat": int(NOW),
+        "exp": int(NOW) + 60,
+        "scope": "session",
+    }
+    expected = hmac.digest(SECRET.encode(), f"{header}.{payload}".encode(), hashlib.sha256)  # RFC 7515, by hand
+    assert base64.urlsafe_b64decode(signature + "==") == expected
 
 
-def test_expired(backend):
+def test_expired():
     token = mint_token("acme", SECRET, ttl_s=60, now=NOW)
     assert verify_token(token, SECRET, now=NOW + 60 + auth.LEEWAY_S) == "acme"  # within the leeway
     error = reject(token, now=NOW + 120)
     assert error.reason == "expired" and "expired" in str(error)
 
 
-def test_bad_signature(backend):
+def test_bad_signature():
     token = mint_token("acme", SECRET, now=NOW)
     assert reject(token, secret=OTHER).reason == "bad_signature"
     header, _payload, signature = token.split(".")
@@ -97,18 +90,18 @@ def test_bad_signature(backend):
         forge({"alg": "HS256", "typ": "JWT"}, "%%%"),  # signed, but not base64url
     ],
 )
-def test_malformed(backend, token):
+def test_malformed(token):
     assert reject(token).reason == "malformed"
 
 
-def test_algorithm_none_and_other_algorithms_are_refused(backend):
+def test_algorithm_none_and_other_algorithms_are_refused():
     payload = {"tenant": "acme", "exp": NOW + 60}
     unsigned = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(payload)}."
     assert reject(unsigned).reason == "malformed"
     assert reject(forge({"alg": "HS512", "typ": "JWT"}, payload)).reason == "malformed"
 
 
-def test_claims_are_required(backend):
+def test_claims_are_required():
     header = {"alg": "HS256", "typ": "JWT"}
     assert reject(forge(header, {"tenant": "acme"})).reason == "malformed"  # no exp
     assert reject(forge(header, {"tenant": "acme", "exp": "tomorrow"})).reason == "malformed"
@@ -120,7 +113,7 @@ def test_claims_are_required(backend):
     assert reject(forge(header, ["not", "an", "object"])).reason == "malformed"
 
 
-def test_missing_and_oversized_tokens(backend):
+def test_missing_and_oversized_tokens():
     assert reject("").reason == "missing"
     assert reject("   ").reason == "missing"
     assert reject("x" * (auth.MAX_TOKEN_BYTES + 1)).reason == "malformed"
@@ -134,7 +127,7 @@ def test_auth_error_is_unauthenticated():
     assert code == grpc.StatusCode.UNAUTHENTICATED and message.startswith("authorization: ")
 
 
-def test_scope(backend):
+def test_scope():
     limited = mint_token("acme", SECRET, now=NOW, scope=["session", "avatar:read"])
     assert verify_claims(limited, SECRET, now=NOW).scopes == {"session", "avatar:read"}
     assert verify_token(limited, SECRET, scope="session", now=NOW) == "acme"
@@ -172,7 +165,7 @@ def test_secret_from_the_environment():
     assert auth.auth_secret({auth.SECRET_ENV: SECRET}, allow_dev=True) == SECRET  # a set secret wins
 
 
-def test_tenant_from_grpc_metadata(backend):
+def test_tenant_from_grpc_metadata():
     token = mint_token("acme", SECRET, ttl_s=600)
     other = mint_token("globex", SECRET, ttl_s=600)
     assert auth.tenant_from_grpc_metadata((("authorization", f"Bearer {token}"),), secret=SECRET) == "acme"

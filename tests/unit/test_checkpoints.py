@@ -93,3 +93,56 @@ def test_paper_model_has_exactly_the_release_parameter_names_and_shapes():
         model = AvatarForcing(paper())
     got = {name: list(p.shape) for name, p in model.named_parameters()}
     assert got == expected
+
+
+def _with_release_masks(state: dict, window: int, side: int | None = None) -> dict:
+    """A flow_transformer state dict as the released model's `state_dict()` writes it: with its two masks."""
+    side = side or window
+    allow = torch.ones(side, side, dtype=torch.bool)
+    return {
+        **state,
+        "flow_transformer.alignment_mask": allow,
+        "flow_transformer.block_bidir_causal_lookahead_mask": allow,
+    }
+
+
+def test_release_files_with_or_without_the_mask_buffers_load_identically(release_files, tmp_path):
+    root, original = release_files
+    window = tiny().flow.window
+    flow = torch.load(root / "flow_transformer.pth")
+    torch.save(_with_release_masks(flow, window), tmp_path / "with_masks.pth")
+    ignored: list[str] = []
+    plain = load_release(root / "flow_transformer.pth", root / "motion_autoencoder.pth", root / "wav2vec2", tiny())
+    masked = load_release(
+        tmp_path / "with_masks.pth", root / "motion_autoencoder.pth", root / "wav2vec2", tiny(), ignored.append
+    )
+    for key, value in original.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+        assert torch.equal(masked.state_dict()[key], value), key
+    assert len(ignored) == 2
+    assert any("flow_transformer.alignment_mask" in line for line in ignored)
+    assert any("flow_transformer.block_bidir_causal_lookahead_mask" in line for line in ignored)
+
+
+def test_a_mask_buffer_of_the_wrong_shape_and_other_buffers_stay_errors(release_files, tmp_path):
+    root, _ = release_files
+    window = tiny().flow.window
+    flow = torch.load(root / "flow_transformer.pth")
+    torch.save(_with_release_masks(flow, window, side=window + 1), tmp_path / "bad_masks.pth")
+    with pytest.raises(CheckpointError, match=rf"alignment_mask \(checkpoint \({window + 1}, {window + 1}\)"):
+        load_release(tmp_path / "bad_masks.pth", root / "motion_autoencoder.pth", root / "wav2vec2", tiny())
+    other = {**_with_release_masks(flow, window), "flow_transformer.some_other_mask": torch.ones(window, window)}
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected keys: flow_transformer\.some_other_mask"):
+        load_release(tmp_path / "other.pth", root / "motion_autoencoder.pth", root / "wav2vec2", tiny())
+
+
+def test_the_release_buffer_names_are_the_fixture_s_persistent_flow_buffers():
+    groups = json.loads((FIXTURE_DIR / "keys_full.json").read_text())["groups"]
+    from avatar_forcing.config import paper
+    from avatar_forcing.nn.checkpoints import RELEASE_BUFFERS
+
+    buffers = groups["flow_transformer"]["persistent_buffers"]
+    assert set(buffers) == set(RELEASE_BUFFERS)
+    window = paper().flow.window
+    assert all(shape == [window, window] for shape in buffers.values())

@@ -77,3 +77,37 @@ def test_missing_weights_and_missing_files_are_clear_errors(short_inputs, capsys
         main([*args[:1], "--portrait", str(root / "nowhere.png"), *args[3:], "--random-init"])
     assert main([*args, "--weights", str(root / "no-weights")]) == 2
     assert "avatar-forcing convert" in capsys.readouterr().err
+
+
+def test_the_library_never_imports_the_services_or_the_benchmark():
+    import ast
+
+    root = Path(__file__).parents[2] / "avatar_forcing"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(root.parent)}: {n}" for n in names if n.split(".")[0] in ("services", "bench")
+            ]
+    for path in sorted(root.rglob("*.py")):  # nor by name at run time (importlib)
+        text = path.read_text()
+        offenders += [f"{path.relative_to(root.parent)}: by name" for s in ('"services.', '"bench.') if s in text]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("command", "option"), [("serve", "--grpc-port"), ("client", "--target"), ("serve-bench", "--config")]
+)
+def test_serving_commands_are_registered_by_their_packages(command, option, capsys):
+    from avatar_forcing.apps.cli import registered_commands
+
+    assert command in {entry.name for entry in registered_commands()}
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert option in capsys.readouterr().out
