@@ -16,14 +16,12 @@ per block instead of NFE:
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from avatar_forcing.engine import session_state
 from avatar_forcing.nn.kv_cache import FlowCache
 from avatar_forcing.sampling.block_sampler import BlockSampler, Conditions
 
@@ -43,25 +41,18 @@ class HistoryBlock:
         return Conditions(*self.conditions.unbind(1))
 
     def to_bytes(self) -> bytes:
-        tensors = {"tokens": self.tokens.contiguous(), "conditions": self.conditions.contiguous()}
+        tensors = {"tokens": self.tokens, "conditions": self.conditions}
         if self.rng_state is not None:
             tensors["rng_state"] = self.rng_state
-        return save_safetensors(tensors, {"start_frame": str(self.start_frame)})
+        return session_state.pack("history-block", tensors, {"start_frame": self.start_frame})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> HistoryBlock:
         try:
-            tensors = load_safetensors(data)
-            meta = safetensors_metadata(data)
+            tensors, meta = session_state.unpack(data, "history-block")
             return cls(int(meta["start_frame"]), tensors["tokens"], tensors["conditions"], tensors.get("rng_state"))
-        except Exception as exc:
-            raise ValueError(f"history entry: not a valid HistoryBlock ({exc})") from exc
-
-
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The string metadata of a safetensors blob (`safetensors.torch.load` drops it)."""
-    header_len = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+        except (ValueError, KeyError) as exc:  # named for the caller: a history entry in the store
+            raise ValueError(f"history entry: not a valid HistoryBlock ({exc})") from None
 
 
 def replay_history(

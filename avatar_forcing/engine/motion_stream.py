@@ -20,17 +20,15 @@ import json
 from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from avatar_forcing.engine.history import HistoryBlock, replay_history, safetensors_metadata
+from avatar_forcing.engine import session_state
+from avatar_forcing.engine.history import HistoryBlock, replay_history
 from avatar_forcing.nn.kv_cache import FlowCache
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult, BlockSampler, Conditions, pad_frames
 from avatar_forcing.sampling.euler import GuidanceScales
 
 STREAMS = ("avatar_audio", "user_audio", "user_motion")
-STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -58,6 +56,29 @@ class StreamOptions:
         data = json.loads(text)
         data["guidance"] = GuidanceScales(**data["guidance"])
         return cls(**data)
+
+
+@dataclass
+class SessionSetup:
+    """What never changes in a session: enough, with its history, to rebuild the stream elsewhere."""
+
+    reference_motion: Tensor  # (512,) r_s of the portrait
+    options: StreamOptions
+    seed: int
+    frame_offset: int  # model frames before session frame 0 (the warm-start window)
+
+    def to_bytes(self) -> bytes:
+        meta = {"options": self.options.to_json(), "seed": self.seed, "frame_offset": self.frame_offset}
+        return session_state.pack("setup", {"reference_motion": self.reference_motion}, meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SessionSetup:
+        tensors, meta = session_state.unpack(data, "setup")
+        try:
+            options = StreamOptions.from_json(meta["options"])
+            return cls(tensors["reference_motion"], options, int(meta["seed"]), int(meta["frame_offset"]))
+        except KeyError as exc:
+            raise ValueError(f"session state: the setup blob lacks {exc}") from None
 
 
 @dataclass
@@ -230,7 +251,6 @@ class MotionStream:
         if self.cache is not None:
             tensors.update(self.cache.to(torch.device("cpu")).to_tensors("cache."))
         meta = {
-            "version": STATE_VERSION,
             "options": self.options.to_json(),
             "frame_offset": self.frame_offset,
             "next_frame": self.next_frame,
@@ -238,17 +258,11 @@ class MotionStream:
             "total_frames": self.total_frames,
             "depth": self.config.depth,
         }
-        return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, {"state": json.dumps(meta)})
+        return session_state.pack("stream", tensors, meta)
 
     @classmethod
     def from_bytes(cls, block_sampler: BlockSampler, data: bytes) -> MotionStream:
-        try:
-            tensors = load_safetensors(data)
-            meta = json.loads(safetensors_metadata(data)["state"])
-        except Exception as exc:
-            raise ValueError(f"session state: not a valid MotionStream state blob ({exc})") from exc
-        if meta.get("version") != STATE_VERSION:
-            raise ValueError(f"session state: version {meta.get('version')} unsupported; expected {STATE_VERSION}")
+        tensors, meta = session_state.unpack(data, "stream")
         if meta["depth"] != block_sampler.model.config.depth:
             raise ValueError(
                 f"session state: made by a model of depth {meta['depth']}, this model has "

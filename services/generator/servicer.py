@@ -26,12 +26,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from avatar_forcing.config import FlowConfig
-from avatar_forcing.engine.history import HistoryBlock, safetensors_metadata
-from avatar_forcing.engine.motion_stream import STREAMS, MotionBlock, MotionStream, StreamOptions
+from avatar_forcing.engine.history import HistoryBlock
+from avatar_forcing.engine.motion_stream import STREAMS, MotionBlock, MotionStream, SessionSetup, StreamOptions
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult, BlockSampler
 from avatar_forcing.sampling.euler import GuidanceScales
 from services.common.telemetry import metrics, rpc_span
@@ -138,17 +136,6 @@ class SessionTable:
             self.on_change(self)
 
 
-def _setup_blob(reference_motion: torch.Tensor, options: StreamOptions, seed: int, frame_offset: int) -> bytes:
-    meta = {"options": options.to_json(), "seed": str(seed), "frame_offset": str(frame_offset)}
-    return save_safetensors({"reference_motion": reference_motion.contiguous()}, meta)
-
-
-def _read_setup(blob: bytes) -> tuple[torch.Tensor, StreamOptions, int]:
-    header = safetensors_metadata(blob)
-    reference = load_safetensors(blob)["reference_motion"]
-    return reference, StreamOptions.from_json(header["options"]), int(header["frame_offset"])
-
-
 class GeneratorServicer:
     def __init__(
         self,
@@ -188,7 +175,10 @@ class GeneratorServicer:
             )
             stream = await asyncio.to_thread(MotionStream, self.sampler, reference, options, seed)
             await self.store.put_state(
-                request.session_id, request.tenant_id, claim, _setup_blob(reference, options, seed, stream.frame_offset)
+                request.session_id,
+                request.tenant_id,
+                claim,
+                SessionSetup(reference, options, seed, stream.frame_offset).to_bytes(),
             )
             generation = Generation(request.tenant_id, stream, claim, nbytes)
             if stream.last_history is not None:  # warm start generated the first window already
@@ -321,7 +311,8 @@ class GeneratorServicer:
             raise FrameConflictError(
                 f"session_id: {session_id!r} has no generated block to resume from; open it again (OpenSession)"
             )
-        reference, options, frame_offset = _read_setup(snapshot.state.blob)
+        setup = SessionSetup.from_bytes(snapshot.state.blob)
+        reference, options, frame_offset = setup.reference_motion, setup.options, setup.frame_offset
         nbytes = session_bytes(self.config, options.block)
         self.table.check_room(nbytes)
         await self.store.replica_heartbeat(self.replica_id)

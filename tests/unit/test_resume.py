@@ -77,3 +77,26 @@ def test_hold_block_repeats_the_last_frame_and_the_session_goes_on(parity_flow):
     rest = stream.pull()
     assert [b.frame_index for b in rest] == [60, 70]
     assert all(torch.isfinite(b.latents).all() for b in rest)
+
+
+def test_every_session_blob_is_one_format_and_a_blob_of_another_kind_is_refused():
+    from avatar_forcing.engine import session_state
+    from avatar_forcing.engine.history import HistoryBlock
+    from avatar_forcing.engine.motion_stream import SessionSetup, StreamOptions
+
+    block = HistoryBlock(40, torch.randn(12, 512), torch.randn(12, 3, 512), torch.zeros(16, dtype=torch.uint8))
+    setup = SessionSetup(torch.randn(512), StreamOptions(block=5, warm_start=True), seed=7, frame_offset=50)
+    blobs = {"history-block": block.to_bytes(), "setup": setup.to_bytes()}
+    for kind, blob in blobs.items():
+        header = session_state.read_header(blob)
+        assert header["format"] == session_state.FORMAT and header["kind"] == kind
+    again = SessionSetup.from_bytes(blobs["setup"])
+    assert torch.equal(again.reference_motion, setup.reference_motion)
+    assert (again.options, again.seed, again.frame_offset) == (setup.options, 7, 50)
+    assert torch.equal(HistoryBlock.from_bytes(blobs["history-block"]).conditions, block.conditions)
+    with pytest.raises(ValueError, match="a 'setup' blob; expected a 'history-block' blob"):
+        HistoryBlock.from_bytes(blobs["setup"])
+    with pytest.raises(ValueError, match="a 'history-block' blob; expected a 'setup' blob"):
+        SessionSetup.from_bytes(blobs["history-block"])
+    with pytest.raises(ValueError, match="shorter than its 8-byte header"):
+        SessionSetup.from_bytes(b"xy")
