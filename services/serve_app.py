@@ -13,6 +13,7 @@ from typing import Any
 from ray.serve import Application
 
 from avatar_forcing.config import ModelConfig, preset
+from avatar_forcing.nn.checkpoints import CONFIG_FILE
 from services.audio_features.deployment import AudioFeatures
 from services.common.config import Settings
 from services.decoder.deployment import FrameDecoder
@@ -45,7 +46,7 @@ def settings_overrides(args: dict[str, Any]) -> dict[str, Any]:
 
 def image_size(settings: Settings) -> int:
     if settings.weights_dir is not None:
-        return ModelConfig.load(Path(settings.weights_dir) / "config.json").motion_autoencoder.image_size
+        return ModelConfig.load(Path(settings.weights_dir) / CONFIG_FILE).motion_autoencoder.image_size
     return preset(settings.model_preset).motion_autoencoder.image_size
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avatar_forcing.config import SAMPLE_RATE
 from avatar_forcing.engine.motion_stream import STREAMS, MotionStream, StreamOptions
 from avatar_forcing.engine.portrait import PortraitEncoding, decode_frames, encode_portrait, encode_user_motion
 from avatar_forcing.engine.streaming_audio import DEFAULT_LEFT_CONTEXT_S, StreamingAudioFeatures
@@ -56,10 +57,10 @@ class LiveSession:
 
     # -- input ---------------------------------------------------------------------------
 
-    def push_avatar_audio(self, samples: np.ndarray, sample_rate: int = 16000) -> None:
+    def push_avatar_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
         self.motion.push(avatar_audio=self.audio["avatar_audio"].push(samples, sample_rate))
 
-    def push_user_audio(self, samples: np.ndarray, sample_rate: int = 16000) -> None:
+    def push_user_audio(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
         self.motion.push(user_audio=self.audio["user_audio"].push(samples, sample_rate))
 
     def push_user_frames(self, frames: np.ndarray, source: str = "user camera") -> None:

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-RELEASE_FILES = {
-    "flow_transformer.pth": ("flow_transformer.", "audio_encoder.audio_projection."),
-    "motion_autoencoder.pth": ("motion_autoencoder.",),
+RELEASE_FLOW_FILE = "flow_transformer.pth"
+RELEASE_MAE_FILE = "motion_autoencoder.pth"
+RELEASE_FILES = {  # released file -> the key prefixes it holds
+    RELEASE_FLOW_FILE: ("flow_transformer.", "audio_encoder.audio_projection."),
+    RELEASE_MAE_FILE: ("motion_autoencoder.",),
 }
 
 
@@ -111,7 +113,7 @@ def load_release(
     report = on_ignored or log.info
     model = AvatarForcing(config)
     expected = model.state_dict()
-    files = {"flow_transformer.pth": Path(flow_transformer), "motion_autoencoder.pth": Path(motion_autoencoder)}
+    files = {RELEASE_FLOW_FILE: Path(flow_transformer), RELEASE_MAE_FILE: Path(motion_autoencoder)}
     merged: dict[str, Tensor] = {}
     for name, path in files.items():
         prefixes = RELEASE_FILES[name]
