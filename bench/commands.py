@@ -6,6 +6,6 @@ from __future__ import annotations
 
 def serve_bench(argv: list[str]) -> int:
     """stage and end-to-end latency, concurrent real-time sessions, batching gain"""
-    from bench.stack import main
+    from bench.cli import main
 
     return main(argv)

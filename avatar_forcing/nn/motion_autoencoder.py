@@ -12,6 +12,10 @@
 Parameter names follow the released checkpoint (`motion_autoencoder.*`), including modules
 the release builds but never runs (`dec.to_rgb1`, the noise injections), so that it loads.
 "Equalised" layers store N(0, 1) weights and multiply by 1/sqrt(fan_in) at run time.
+
+One file on purpose (~560 lines): like a nanoGPT `model.py`, the whole network reads top to
+bottom in the order data flows (layers, encoder, decoder, the auto-encoder), and its parameter
+names must mirror the release's module tree, which is easiest to check in one place.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
 from services.decoder.servicer import DecoderServicer
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.protos import decoder_pb2
 
 

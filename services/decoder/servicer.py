@@ -27,7 +27,7 @@ from avatar_forcing.nn.model import AvatarForcing
 from services.common.config import Settings
 from services.common.telemetry import rpc_span
 from services.motion_encoder.servicer import portrait_encoding
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.errors import FailedPreconditionError, ValidationError
 from services.wire.ids import check_id
 from services.wire.protos import Limit, pb

@@ -20,7 +20,7 @@ from services.common.config import Settings
 from services.common.model_loader import load_model
 from services.generator.router import SessionAffinityRouter
 from services.generator.servicer import GeneratorServicer
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.protos import generator_pb2
 
 log = logging.getLogger(__name__)

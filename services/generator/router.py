@@ -8,7 +8,7 @@ over the live replicas, skipping replicas that report themselves full through
 A session therefore stays on its replica while that replica lives; when it dies,
 the next request goes to the next replica in the session's rendezvous order, which
 rebuilds the cache from the Redis history. Ownership itself is recorded in Redis by
-the replica that serves the session (`services.store.session_store`).
+the replica that serves the session (`services.store.ownership`).
 """
 
 from __future__ import annotations

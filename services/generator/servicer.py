@@ -33,7 +33,7 @@ from avatar_forcing.engine.motion_stream import STREAMS, MotionBlock, MotionStre
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult, BlockSampler
 from avatar_forcing.sampling.euler import GuidanceScales
 from services.common.telemetry import metrics, rpc_span
-from services.store.session_store import Claim, SessionStore
+from services.store import Claim, SessionStore
 from services.wire.errors import (
     CapacityExceededError,
     FailedPreconditionError,

@@ -18,7 +18,7 @@ from services.common import servicer_call as rpc
 from services.common.auth import tenant_from_grpc_metadata
 from services.common.config import Settings
 from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.errors import ServiceError, TenantMismatchError, UnavailableError, set_status
 from services.wire.protos import audio_features_pb2, decoder_pb2, generator_pb2, motion_encoder_pb2, pb
 

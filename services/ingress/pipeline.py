@@ -36,7 +36,7 @@ from avatar_forcing.engine.streaming_audio import DEFAULT_LEFT_CONTEXT_S, DEFAUL
 from avatar_forcing.media.face_crop import FaceCropper, FaceTrack, NoFaceError
 from services.common.telemetry import BlockTrace, metrics
 from services.ingress.policy import HELD_FRAME, REDUCED_NFE, Decision, RealtimePolicy
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.errors import ServiceError, ValidationError, error_fields
 from services.wire.ids import check_id
 from services.wire.protos import Limit, pb

@@ -19,7 +19,7 @@ from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
 from services.motion_encoder.servicer import MotionEncoderServicer
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.protos import motion_encoder_pb2
 
 

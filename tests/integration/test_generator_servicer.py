@@ -10,7 +10,7 @@ import torch
 from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
 from avatar_forcing.sampling.block_sampler import BlockSampler
 from services.generator.servicer import GeneratorServicer
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.errors import CapacityExceededError, FrameConflictError, TenantMismatchError, ValidationError
 from services.wire.protos import pb
 from services.wire.tensors import decode_torch, encode

@@ -22,17 +22,13 @@ import uuid
 
 import pytest
 
-from bench.stack import (
-    FPS,
-    Media,
-    SessionResult,
-    generator_replica_stats,
-    load_media,
-    p50_p95,
-    paced_session,
-    session_keys,
-    start_stack,
-)
+from avatar_forcing.config import FPS
+from bench.leaks import generator_replica_stats
+from bench.media import Media, load_media
+from bench.sessions import SessionResult, paced_session
+from bench.stack import start_stack
+from bench.stats import p50_p95
+from services.store.inspection import leaked_session_keys as session_keys
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from services.decoder.servicer import DecoderServicer
 from services.generator.servicer import GeneratorServicer
 from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
 from services.motion_encoder.servicer import MotionEncoderServicer
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.errors import ValidationError
 from services.wire.protos import pb
 from services.wire.tensors import decode as decode_tensor

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from services.common.config import Settings
-from services.store.session_store import HistoryEntry, SessionStore
+from services.store import HistoryEntry, SessionStore
 from services.wire.errors import (
     CapacityExceededError,
     FailedPreconditionError,

@@ -18,7 +18,7 @@ from avatar_forcing.nn.model import random_model
 from services.common import telemetry
 from services.generator.servicer import session_bytes
 from services.ingress.pipeline import IngressSettings, SessionPipeline
-from services.store.session_store import SessionStore
+from services.store import SessionStore
 from services.wire.protos import pb
 from tests.integration.conftest import FRAMES
 from tests.integration.test_session_pipeline import client_messages, iterate, stages_for

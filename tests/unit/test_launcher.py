@@ -15,15 +15,16 @@ import redis
 import yaml
 
 from services.common import auth
-from services.local import launcher
-from services.local.launcher import LauncherError, ensure_redis, is_default_local_url, redact_url, redis_answers
+from services.local import launcher, redis_process, serve_deploy
+from services.local.errors import LauncherError
+from services.local.redis_process import ensure_redis, is_default_local_url, redact_url, redis_answers
 
 REPO = Path(__file__).resolve().parents[2]
 needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 
 def unused_port() -> int:
-    return launcher.free_port()
+    return redis_process.free_port()
 
 
 def test_default_local_urls():
@@ -45,7 +46,7 @@ def test_redact_url():
 
 @needs_redis_server
 def test_a_redis_that_answers_is_used_as_it_is():
-    server = launcher.start_redis_server()
+    server = redis_process.start_redis_server()
     try:
         assert ensure_redis(server.url, start_if_down=True) == (server.url, None)
     finally:
@@ -55,7 +56,7 @@ def test_a_redis_that_answers_is_used_as_it_is():
 @needs_redis_server
 def test_starts_redis_when_the_default_url_does_not_answer(monkeypatch):
     port = unused_port()
-    monkeypatch.setattr(launcher, "DEFAULT_REDIS_PORT", port)  # "the default" without touching 6379
+    monkeypatch.setattr(redis_process, "DEFAULT_REDIS_PORT", port)  # "the default" without touching 6379
     url = f"redis://127.0.0.1:{port}/2"
     assert is_default_local_url(url) and not redis_answers(url)
     messages: list[str] = []
@@ -80,10 +81,10 @@ def test_starts_redis_on_a_free_port_when_the_default_port_is_taken(monkeypatch)
         squatter.listen()
         port = squatter.getsockname()[1]
         squatted = f"redis://127.0.0.1:{port}/0"
-        real = launcher.redis_answers
-        monkeypatch.setattr(launcher, "DEFAULT_REDIS_PORT", port)
+        real = redis_process.redis_answers
+        monkeypatch.setattr(redis_process, "DEFAULT_REDIS_PORT", port)
         monkeypatch.setattr(
-            launcher, "redis_answers", lambda url, timeout_s=1.0: url != squatted and real(url, timeout_s)
+            redis_process, "redis_answers", lambda url, timeout_s=1.0: url != squatted and real(url, timeout_s)
         )
         used, server = ensure_redis(squatted, log=lambda _: None)
         try:
@@ -105,15 +106,15 @@ def test_an_unreachable_configured_redis_is_a_clear_error():
 def test_serve_exits_2_for_an_unreachable_redis_without_starting_ray(capsys, monkeypatch):
     monkeypatch.setattr(launcher, "_build_app", lambda args: pytest.fail("the app must not be built"))
     url = f"redis://10.255.255.1:{unused_port()}/0"  # non-default: never replaced by a local one
-    monkeypatch.setattr(launcher, "redis_answers", lambda u, timeout_s=1.0: False)
+    monkeypatch.setattr(redis_process, "redis_answers", lambda u, timeout_s=1.0: False)
     assert launcher.main(["--config", "tiny", "--redis-url", url]) == 2
     assert "no Redis answers at redis://10.255.255.1" in capsys.readouterr().err
 
 
 def test_redis_server_missing_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
+    monkeypatch.setattr(redis_process.shutil, "which", lambda name: None)
     with pytest.raises(LauncherError, match="redis-server` is not installed") as caught:
-        launcher.start_redis_server(unused_port())
+        redis_process.start_redis_server(unused_port())
     assert caught.value.exit_code == 2
 
 
@@ -125,7 +126,7 @@ def test_bad_arguments_exit_2(capsys, tmp_path):
 
 
 def test_servicer_functions_are_the_five_services_and_match_the_serve_config():
-    paths = launcher.servicer_functions()
+    paths = serve_deploy.servicer_functions()
     assert len(paths) == 5 and len(set(paths)) == 5
     for path in paths:
         module, _, name = path.rpartition(".")
@@ -136,7 +137,7 @@ def test_servicer_functions_are_the_five_services_and_match_the_serve_config():
 
 def test_serve_config_ports_can_be_overridden():
     pytest.importorskip("ray.serve")
-    config = launcher._load_serve_config(REPO / "deploy/serve/config.cpu.yaml", 9100, None)
+    config = serve_deploy.load_serve_config(REPO / "deploy/serve/config.cpu.yaml", 9100, None)
     assert config.grpc_options.port == 9100 and config.http_options.port == 8000
     assert len(config.grpc_options.grpc_servicer_functions) == 5
 
@@ -145,7 +146,7 @@ def test_serve_config_ports_can_be_overridden():
 def test_a_failed_start_stops_the_redis_it_started_and_restores_the_environment(monkeypatch):
     ray = pytest.importorskip("ray")
     port = unused_port()
-    monkeypatch.setattr(launcher, "DEFAULT_REDIS_PORT", port)
+    monkeypatch.setattr(redis_process, "DEFAULT_REDIS_PORT", port)
     monkeypatch.delenv("REDIS_URL", raising=False)
     monkeypatch.setattr(launcher, "DEFAULT_REDIS_URL", f"redis://127.0.0.1:{port}/0")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

@@ -33,7 +33,7 @@ from services.common.config import Settings
 from services.common.model_loader import load_model
 from services.decoder.servicer import DecoderServicer, PortraitCache
 from services.motion_encoder.servicer import MotionEncoderServicer, derive_avatar_id, image_header
-from services.store.session_store import MAX_PORTRAIT_BYTES, SessionStore
+from services.store import MAX_PORTRAIT_BYTES, SessionStore
 from services.wire.errors import NotFoundError, ServiceError, ValidationError, status_of
 from services.wire.protos import Limit, pb
 from services.wire.tensors import decode, encode
