@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from avatar_forcing.media.face_crop import FaceCropper
 from avatar_forcing.media.io import from_uint8, to_uint8
 from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
 
@@ -45,6 +46,18 @@ def encode_portrait(mae: MotionAutoEncoder, crop: np.ndarray) -> PortraitEncodin
     """A portrait face crop (S, S, 3) -> identity latent, feature maps and reference motion."""
     encoded = mae.encode(_images_to_tensor(mae, crop[None], "portrait"))
     return PortraitEncoding(encoded.identity, encoded.feature_maps, encoded.reference_motion[0].float().cpu())
+
+
+def encode_portrait_photo(
+    mae: MotionAutoEncoder, cropper: FaceCropper, image: np.ndarray, source: str
+) -> PortraitEncoding:
+    """A portrait photo, uint8 RGB (H, W, 3) of any size -> its encoding: the largest face is
+    cropped (`cropper`, of the model's image size) and encoded.
+
+    Raises NoFaceError (avatar_forcing.media.face_crop) naming `source` when there is no face.
+    The services rebuild an avatar with this too, so a rebuilt encoding equals the original.
+    """
+    return encode_portrait(mae, cropper.crop_portrait(image, source))
 
 
 @torch.no_grad()

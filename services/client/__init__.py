@@ -4,23 +4,19 @@
     from services.client import AvatarClient
 """
 
-from services.client.session import (
-    AnswerTimeoutError,
-    AvatarClient,
-    AvatarStream,
-    Frame,
-    FrameTiming,
-    ProtocolError,
-    ServerError,
-    ServerMessageError,
-    ServerWarning,
-    SessionClosedError,
-)
+from services.client.frames import Frame, FrameTiming
+from services.client.session import AvatarClient
+from services.client.stream import AvatarStream, ServerWarning
 from services.wire.errors import (
+    AnswerTimeoutError,
     CapacityExceededError,
     NotFoundError,
     PermissionDeniedError,
+    ProtocolError,
+    ServerError,
+    ServerMessageError,
     ServiceError,
+    SessionClosedError,
     UnauthenticatedError,
     UnavailableError,
     ValidationError,

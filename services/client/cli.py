@@ -29,20 +29,22 @@ from typing import Any
 
 import numpy as np
 
-from services.client.session import FPS, FRAME_US, SAMPLES_PER_FRAME, AvatarClient, Frame, ServerError
-from services.wire.errors import ServiceError
+from services.client.frames import FRAME_US, Frame
+from services.client.session import AvatarClient
+from services.wire.errors import ServerError, ServiceError
+from services.wire.images import portrait_bytes
 from services.wire.protos import Limit, pb
 
 TOKEN_ENV = "AVATAR_FORCING_TOKEN"
-AVATAR_CHUNK_FRAMES = 25  # avatar audio goes out one second at a time
+AVATAR_CHUNK_FRAMES = Limit.FPS  # avatar audio goes out one second at a time
 
 
 @dataclass
 class Inputs:
     portrait: bytes | None
-    avatar_audio: np.ndarray  # (T * 640,) float32
+    avatar_audio: np.ndarray  # (T * SAMPLES_PER_FRAME,) float32
     user_frames: np.ndarray  # (T, H, W, 3) uint8
-    user_audio: np.ndarray  # (T * 640,) float32
+    user_audio: np.ndarray  # (T * SAMPLES_PER_FRAME,) float32
     num_frames: int
 
 
@@ -115,8 +117,7 @@ def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def load_inputs(args: argparse.Namespace) -> Inputs:
-    from avatar_forcing.media.io import load_audio, read_video
-    from services.client.session import portrait_bytes
+    from avatar_forcing.media.io import load_audio, read_video  # lazy: the client library loads without it
 
     if not Limit.MIN_IMAGE_SIDE <= args.user_max_side <= Limit.MAX_IMAGE_SIDE:
         raise ValueError(
@@ -130,16 +131,16 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     avatar_audio = load_audio(args.avatar_audio)
     if avatar_audio.size == 0:
         raise ValueError(f"--avatar-audio {args.avatar_audio}: no samples")
-    num_frames = math.ceil(avatar_audio.shape[0] / SAMPLES_PER_FRAME)
-    clip = read_video(args.user_video, FPS)
+    num_frames = math.ceil(avatar_audio.shape[0] / Limit.SAMPLES_PER_FRAME)
+    clip = read_video(args.user_video, Limit.FPS)
     user_audio = load_audio(args.user_audio) if args.user_audio is not None else clip.audio
     if user_audio is None:
         user_audio = np.zeros(0, np.float32)
     return Inputs(
         portrait=portrait,
-        avatar_audio=_fit_samples(avatar_audio, num_frames * SAMPLES_PER_FRAME),
+        avatar_audio=_fit_samples(avatar_audio, num_frames * Limit.SAMPLES_PER_FRAME),
         user_frames=_downscale(_fit_frames(clip.frames, num_frames), args.user_max_side),
-        user_audio=_fit_samples(user_audio, num_frames * SAMPLES_PER_FRAME),
+        user_audio=_fit_samples(user_audio, num_frames * Limit.SAMPLES_PER_FRAME),
         num_frames=num_frames,
     )
 
@@ -162,9 +163,9 @@ async def _send(stream: Any, inputs: Inputs, stats: Stats, realtime: bool, clock
             if delay > 0:
                 await asyncio.sleep(delay)
         stamp = index * FRAME_US
-        audio = slice(index * SAMPLES_PER_FRAME, (index + 1) * SAMPLES_PER_FRAME)
+        audio = slice(index * Limit.SAMPLES_PER_FRAME, (index + 1) * Limit.SAMPLES_PER_FRAME)
         if index % AVATAR_CHUNK_FRAMES == 0:
-            chunk = slice(index * SAMPLES_PER_FRAME, (index + AVATAR_CHUNK_FRAMES) * SAMPLES_PER_FRAME)
+            chunk = slice(index * Limit.SAMPLES_PER_FRAME, (index + AVATAR_CHUNK_FRAMES) * Limit.SAMPLES_PER_FRAME)
             await stream.send_avatar_audio(inputs.avatar_audio[chunk], timestamp_us=stamp)
         if stats.first_input_at is None:
             stats.first_input_at = time.monotonic()
@@ -215,7 +216,7 @@ async def stream_session(args: argparse.Namespace, inputs: Inputs) -> Stats:
             sender = asyncio.create_task(_send(stream, inputs, stats, args.realtime, clock_start))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             try:
-                with VideoWriter(args.out, fps=FPS, has_audio=True) as writer:
+                with VideoWriter(args.out, fps=Limit.FPS, has_audio=True) as writer:
                     async for frame in stream.frames():
                         _record(stats, frame, args.realtime, clock_start)
                         await asyncio.to_thread(_write, writer, frame)
@@ -244,7 +245,7 @@ def _percentiles(values: list[float]) -> str:
 def report(args: argparse.Namespace, inputs: Inputs, stats: Stats) -> str:
     width, height = stats.size
     lines = [
-        f"wrote {args.out} ({stats.frames} of {inputs.num_frames} frames, {stats.frames / FPS:.2f} s, "
+        f"wrote {args.out} ({stats.frames} of {inputs.num_frames} frames, {stats.frames / Limit.FPS:.2f} s, "
         f"{width}x{height}), session {stats.session_id}"
     ]
     if stats.first_frame_at is not None:

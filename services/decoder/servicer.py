@@ -3,7 +3,7 @@
 The avatar's `PortraitEncoding` (identity latent + feature maps) is cached per (tenant,
 avatar_id) in an LRU bounded by bytes (`PortraitCache`). On a miss it is rebuilt from the
 portrait photo in Redis (`SessionStore.get_avatar`) with the same function the motion encoder
-used (`services.motion_encoder.servicer.portrait_encoding`); concurrent misses of one avatar
+used (`services.common.portraits.portrait_encoding`); concurrent misses of one avatar
 build it once. The response must fit MAX_MESSAGE_BYTES: raw frames are checked before any
 work, JPEG frames after encoding.
 
@@ -25,13 +25,13 @@ from avatar_forcing.engine.portrait import PortraitEncoding, decode_frames
 from avatar_forcing.media.face_crop import FaceCropper
 from avatar_forcing.nn.model import AvatarForcing
 from services.common.config import Settings
+from services.common.portraits import portrait_encoding
 from services.common.telemetry import rpc_span
-from services.motion_encoder.servicer import portrait_encoding
+from services.common.torch_tensors import decode_torch
 from services.store import SessionStore
 from services.wire.errors import FailedPreconditionError, ValidationError
 from services.wire.ids import check_id
 from services.wire.protos import Limit, pb
-from services.wire.tensors import decode_torch
 
 log = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from avatar_forcing.engine.motion_stream import STREAMS, MotionBlock, MotionStre
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult, BlockSampler
 from avatar_forcing.sampling.euler import GuidanceScales
 from services.common.telemetry import metrics, rpc_span
+from services.common.torch_tensors import decode_torch
 from services.store import Claim, SessionStore
 from services.wire.errors import (
     CapacityExceededError,
@@ -45,7 +46,7 @@ from services.wire.errors import (
 )
 from services.wire.ids import check_id
 from services.wire.protos import Limit, pb
-from services.wire.tensors import decode_torch, encode
+from services.wire.tensors import encode
 
 log = logging.getLogger(__name__)
 FLOAT_DTYPES = ("FLOAT32", "FLOAT16", "BFLOAT16")

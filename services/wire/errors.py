@@ -14,6 +14,13 @@ deployments, whose context has no `abort`); clients map a failed call back with 
     ConflictError            ABORTED              lost a race (OwnershipConflictError, OwnershipLostError)
     FailedPreconditionError  FAILED_PRECONDITION  the state does not allow it (FrameConflictError, ...)
 
+Raised by the client (`services.client`) about the stream itself:
+
+    ServerMessageError       the Error's code     a non-fatal `Error` message (`ServerError`), on_error="raise"
+    ProtocolError            INTERNAL             the server broke the contract (no Started first, a bad frame)
+    AnswerTimeoutError       DEADLINE_EXCEEDED    no Started (or Interrupted) in time
+    SessionClosedError       FAILED_PRECONDITION  a send after end_input() or after the call ended
+
 Unexpected exceptions become INTERNAL with a generic message (the traceback goes to the log,
 not to the client: request contents and secrets never leave the server in an error).
 """
@@ -24,6 +31,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -114,6 +122,50 @@ class FailedPreconditionError(ServiceError):
 
 class FrameConflictError(FailedPreconditionError):
     """A block's first frame is not the session's frame cursor."""
+
+
+# -- the stream, as the client sees it ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerError:
+    """A non-fatal `Error` message (session.proto): the server dropped one client message; the session goes on."""
+
+    code: int  # a gRPC status code number (3 INVALID_ARGUMENT, 8 RESOURCE_EXHAUSTED, ...)
+    message: str  # the server's text: the field, the value and what was expected
+
+    @property
+    def status(self) -> grpc.StatusCode | None:
+        return next((c for c in grpc.StatusCode if c.value[0] == self.code), None)
+
+    def __str__(self) -> str:
+        name = self.status.name if self.status is not None else f"code {self.code}"
+        return f"{name}: {self.message}"
+
+
+class ServerMessageError(ServiceError):
+    """A non-fatal `Error` message raised (on_error="raise"), with the Error's own status code."""
+
+    def __init__(self, error: ServerError) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.code = error.status or grpc.StatusCode.UNKNOWN
+
+
+class ProtocolError(ServiceError):
+    """The server broke the contract (no Started first, an undecodable frame, ...)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class AnswerTimeoutError(ServiceError):
+    """The server did not answer Start (or Interrupt) in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class SessionClosedError(FailedPreconditionError):
+    """A send after `end_input()`, or after the call ended."""
 
 
 _BY_CODE: dict[grpc.StatusCode, type[ServiceError]] = {

@@ -9,11 +9,12 @@ import torch
 
 from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
 from avatar_forcing.sampling.block_sampler import BlockSampler
+from services.common.torch_tensors import decode_torch
 from services.generator.servicer import GeneratorServicer
 from services.store import SessionStore
 from services.wire.errors import CapacityExceededError, FrameConflictError, TenantMismatchError, ValidationError
 from services.wire.protos import pb
-from services.wire.tensors import decode_torch, encode
+from services.wire.tensors import encode
 from tests.unit.test_motion_stream import reference, tracks
 
 pytestmark = pytest.mark.integration

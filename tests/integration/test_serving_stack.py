@@ -23,9 +23,10 @@ from ray.serve.config import gRPCOptions
 from avatar_forcing.config import tiny
 from avatar_forcing.nn.model import random_model
 from services.common.auth import mint_token
+from services.common.torch_tensors import decode_torch
 from services.serve_app import build_app
 from services.wire.protos import grpc_options, pb, pb_grpc, servicer_function
-from services.wire.tensors import decode_torch, encode
+from services.wire.tensors import encode
 from tests.integration.test_session_pipeline import FRAMES, client_messages, in_process
 from tests.redis_support import free_port, start_redis, stop_redis
 

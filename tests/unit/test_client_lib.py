@@ -30,7 +30,8 @@ from services.client import (
     UnauthenticatedError,
     ValidationError,
 )
-from services.client.session import RateLimiter, to_pcm16
+from services.client.audio import to_pcm16
+from services.client.rate_limit import RateLimiter
 from services.common.auth import AuthError, mint_token, tenant_from_grpc_metadata
 from services.wire.errors import status_of
 from services.wire.protos import Limit, grpc_options, pb, pb_grpc

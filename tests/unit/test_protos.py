@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from avatar_forcing.config import SAMPLES_PER_FRAME, paper
+from services.common.torch_tensors import decode_torch
 from services.wire import codegen as protogen
 from services.wire import errors
 from services.wire.errors import ValidationError
 from services.wire.protos import SERVICES, Limit, grpc_options, pb, pb_grpc, service_full_name, servicer_function
-from services.wire.tensors import decode, decode_torch, encode
+from services.wire.tensors import decode, encode
 
 # -- code generation ---------------------------------------------------------------------------
 

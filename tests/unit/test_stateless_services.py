@@ -32,7 +32,7 @@ from services.audio_features.servicer import AudioFeaturesServicer
 from services.common.config import Settings
 from services.common.model_loader import load_model
 from services.decoder.servicer import DecoderServicer, PortraitCache
-from services.motion_encoder.servicer import MotionEncoderServicer, derive_avatar_id, image_header
+from services.motion_encoder.servicer import MotionEncoderServicer, derive_avatar_id
 from services.store import MAX_PORTRAIT_BYTES, SessionStore
 from services.wire.errors import NotFoundError, ServiceError, ValidationError, status_of
 from services.wire.protos import Limit, pb
@@ -208,14 +208,6 @@ def jpeg_header_only(width: int, height: int) -> bytes:
     """A JPEG start with an SOF0 frame header of the given size (nothing decodable after it)."""
     sof = b"\xff\xc0\x00\x11\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big") + b"\x03" + b"\x00" * 9
     return b"\xff\xd8" + b"\xff\xe0\x00\x04\x00\x00" + sof
-
-
-def test_image_header_reads_png_and_jpeg(portrait_png: bytes) -> None:
-    assert image_header(portrait_png) == ("PNG", 256, 256)
-    _, jpeg = cv2.imencode(".jpg", np.zeros((40, 70, 3), np.uint8))
-    assert image_header(jpeg.tobytes()) == ("JPEG", 70, 40)
-    assert image_header(jpeg_header_only(2000, 30)) == ("JPEG", 2000, 30)
-    assert image_header(b"GIF89a....") is None
 
 
 @pytest.mark.parametrize(
