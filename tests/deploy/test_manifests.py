@@ -434,11 +434,13 @@ def test_k8s_config_references_exist(k8s_objects):
     for secret in load_all(K8S / "secret.example.yaml"):
         for key, value in secret["stringData"].items():
             assert "REPLACE-ME" in value, f"secret.example.yaml {key}: only placeholders belong here"
-    # The bridge and gateway reach Serve through the gRPC Service the ConfigMap names.
+    # Clients reach Serve's gRPC proxy through this Service, on the port the Serve config and the pods use.
     config = next(o for o in k8s_objects if o["metadata"]["name"] == "avatar-forcing-config")["data"]
-    host, port = config["AVATAR_GRPC_TARGET"].split(":")
-    grpc_svc = next(o for o in k8s_objects if o["kind"] == "Service" and o["metadata"]["name"] == host)
-    assert int(port) in {p["port"] for p in grpc_svc["spec"]["ports"]}
+    grpc_port = load(SERVE_CONFIG)["grpc_options"]["port"]
+    services = {o["metadata"]["name"]: o for o in k8s_objects if o["kind"] == "Service"}
+    grpc_ports = services["avatar-forcing-serve-grpc"]["spec"]["ports"]
+    assert {"name": "grpc", "port": grpc_port, "targetPort": grpc_port, "appProtocol": "grpc"} in grpc_ports
+    assert int(config["AF_GRPC_PORT"]) == grpc_port
     for name in ("REDIS_URL", "OTEL_EXPORTER_OTLP_ENDPOINT", "LOG_LEVEL"):
         assert config[name]
     assert config["AVATAR_FORCING_WEIGHTS"] == config["AF_WEIGHTS_DIR"] == "/weights"
@@ -476,6 +478,37 @@ def test_network_policies_select_existing_pods(k8s_objects):
     for policy in policies:
         selector = policy["spec"]["podSelector"]["matchLabels"]
         assert any(selector.items() <= labels.items() for labels in pods), policy["metadata"]["name"]
+        # Peers in this namespace (no namespaceSelector) must select pods that exist: a rule for
+        # traffic from a component that is not deployed is dead, and hides what really connects.
+        local_peers = [
+            peer["podSelector"]
+            for rule in policy["spec"]["ingress"]
+            for peer in rule.get("from", [])
+            if "podSelector" in peer and "namespaceSelector" not in peer
+        ]
+        for peer in local_peers:
+            assert any(_selects(peer, labels) for labels in pods), f"{policy['metadata']['name']}: {peer} selects none"
+    ray = next(p for p in policies if p["metadata"]["name"] == "avatar-forcing-ray")
+    serve_rules = [r for r in ray["spec"]["ingress"] if {9000, 8000} <= {p["port"] for p in r.get("ports", [])}]
+    assert serve_rules, "no rule admits Serve clients"
+    assert all(r.get("from") for r in serve_rules), "Serve's ports must not be open to everyone"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not ok:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,7 +558,7 @@ def compose() -> dict:
 
 def test_compose_services(compose):
     services = compose["services"]
-    assert set(services) == {"redis", "ray-head", "gateway", "bridge", "otel-collector"}
+    assert set(services) == {"redis", "ray-head", "otel-collector"}
     for name, service in services.items():
         assert "image" in service or "build" in service, f"{name}: no image or build"
         test = service.get("healthcheck", {}).get("test")
@@ -538,20 +571,18 @@ def test_compose_services(compose):
                 assert source in compose.get("volumes", {}), f"{name}: undeclared volume {source}"
             elif isinstance(volume, str) and source.startswith("."):
                 assert (ROOT / source).exists(), f"{name}: {source} is missing"
-    assert services["bridge"]["profiles"] == ["livekit"], "the bridge is optional"
+    assert not [name for name, service in services.items() if service.get("profiles")], "all start by default"
     ray_head = services["ray-head"]
     command = " ".join(ray_head["command"])
     assert "serve run" in command and "deploy/serve/config.cpu.yaml" in command
     assert {"9000:9000", "8000:8000"} <= set(ray_head["ports"])
-    assert "8080:8080" in services["gateway"]["ports"]
-    for name in ("ray-head", "gateway", "bridge"):
-        env = services[name]["environment"]
-        assert env["AF_MODEL_PRESET"] == env["AVATAR_FORCING_CONFIG"] == "tiny"
-        assert env["REDIS_URL"].startswith("redis://redis:")
-        (weights,) = [v for v in services[name]["volumes"] if isinstance(v, dict) and v["target"] == "/weights"]
-        assert weights["read_only"] is True
-    for name in ("gateway", "bridge"):
-        assert services[name]["environment"]["AVATAR_GRPC_TARGET"] == "ray-head:9000"
+    env = ray_head["environment"]
+    assert env["AF_MODEL_PRESET"] == env["AVATAR_FORCING_CONFIG"] == "tiny"
+    assert env["REDIS_URL"].startswith("redis://redis:")
+    assert env["AF_GRPC_PORT"] == "9000" and env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+    assert ray_head["depends_on"]["redis"]["condition"] == "service_healthy"
+    (weights,) = [v for v in ray_head["volumes"] if isinstance(v, dict) and v["target"] == "/weights"]
+    assert weights["read_only"] is True
     collector = services["otel-collector"]
     assert any(v.startswith("./deploy/otel/collector.yaml:") for v in collector["volumes"])
 
@@ -627,8 +658,9 @@ def validator():
 def test_chart_metadata():
     chart = load(CHART / "Chart.yaml")
     assert chart["apiVersion"] == "v2" and chart["name"] == "avatar-forcing"
-    for template in ("rayservice.yaml", "gateway.yaml", "bridge.yaml", "redis.yaml", "configmap.yaml", "secret.yaml",
-                     "networkpolicy.yaml", "servicemonitor.yaml", "_helpers.tpl", "NOTES.txt"):  # fmt: skip
+    for template in ("rayservice.yaml", "serve-grpc-service.yaml", "redis.yaml", "configmap.yaml",
+                     "otel-collector.yaml", "weights-pvc.yaml", "networkpolicy.yaml", "servicemonitor.yaml",
+                     "_helpers.tpl", "NOTES.txt"):  # fmt: skip
         assert (CHART / "templates" / template).exists(), template
 
 
@@ -653,7 +685,7 @@ def _set(data: dict, path: str, value) -> dict:
 _DELETE = object()
 INVALID = {
     "negative GPU worker replicas": ("ray.gpuWorkers.maxReplicas", -1),
-    "negative gateway replicas": ("gateway.replicas", -2),
+    "negative CPU worker replicas": ("ray.cpuWorkers.replicas", -2),
     "negative Serve max_replicas": ("serve.deployments.decoder.autoscaling_config.max_replicas", -1),
     "missing image repository": ("image.repository", _DELETE),
     "empty image repository": ("gpuImage.repository", ""),
@@ -668,7 +700,9 @@ INVALID = {
     "zero GPUs per pod": ("ray.gpuWorkers.gpusPerPod", 0),
     "a Serve deployment missing": ("serve.deployments.motion_encoder", _DELETE),
     "relative weights mount": ("weights.mountPath", "weights"),
-    "bridge without LiveKit credentials": ("livekit.existingSecret", ""),
+    "a Serve client peer with an unknown key": ("networkPolicy.serveClients", [{"podSelectr": {}}]),
+    "an empty Serve client peer": ("networkPolicy.serveClients", [{}]),
+    "Serve clients as a mapping": ("networkPolicy.serveClients", {"podSelector": {}}),
 }
 
 
@@ -682,13 +716,13 @@ def test_helm_schema_accepts_the_documented_alternatives(validator, values):
     external = _set(_set(values, "redis.inCluster.enabled", False), "redis.external.url", "rediss://r:6380/0")
     secret_ref = _set(_set(values, "redis.inCluster.enabled", False), "redis.external.existingSecret.name", "redis")
     host_path = _set(values, "weights.source", "hostPath")
-    chart_secret = _set(values, "livekit.createSecret", True)
-    for key, val in (("url", "wss://x.livekit.cloud"), ("apiKey", "k"), ("apiSecret", "s")):
-        chart_secret = _set(chart_secret, f"livekit.{key}", val)
-    no_bridge = _set(_set(values, "bridge.enabled", False), "livekit.existingSecret", "")
-    for alternative in (external, secret_ref, host_path, chart_secret, no_bridge):
+    serve_clients = _set(values, "networkPolicy.serveClients", [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "clients"}},
+         "podSelector": {"matchLabels": {"app": "avatar-client"}}},
+        {"ipBlock": {"cidr": "10.0.0.0/8"}},
+    ])  # fmt: skip
+    for alternative in (external, secret_ref, host_path, serve_clients):
         assert [e.message for e in validator.iter_errors(alternative)] == []
-    assert list(validator.iter_errors(_set(values, "livekit.createSecret", True))), "createSecret needs its values"
 
 
 def test_helm_serve_values_equal_the_serve_config(values):

@@ -18,7 +18,7 @@
 {{- end -}}
 
 {{/* Labels: common to every object; selector labels per component (call with
-     (dict "ctx" $ "component" "gateway")). */}}
+     (dict "ctx" $ "component" "ray")). */}}
 
 {{- define "avatar-forcing.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
@@ -80,28 +80,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "http://%s-otel-collector:4317" (include "avatar-forcing.fullname" .) -}}
 {{- end -}}
 {{- end -}}
-{{- end -}}
-
-{{- define "avatar-forcing.livekitSecretName" -}}
-{{- if .Values.livekit.createSecret -}}
-{{- printf "%s-livekit" (include "avatar-forcing.fullname" .) -}}
-{{- else -}}
-{{- .Values.livekit.existingSecret -}}
-{{- end -}}
-{{- end -}}
-
-{{/* LIVEKIT_* env entries; call with (dict "ctx" $ "optional" true). */}}
-{{- define "avatar-forcing.livekitEnv" -}}
-{{- $secret := include "avatar-forcing.livekitSecretName" .ctx -}}
-- name: LIVEKIT_URL
-  valueFrom:
-    secretKeyRef: {name: {{ $secret }}, key: {{ .ctx.Values.livekit.urlKey }}, optional: {{ .optional }}}
-- name: LIVEKIT_API_KEY
-  valueFrom:
-    secretKeyRef: {name: {{ $secret }}, key: {{ .ctx.Values.livekit.apiKeyKey }}, optional: {{ .optional }}}
-- name: LIVEKIT_API_SECRET
-  valueFrom:
-    secretKeyRef: {name: {{ $secret }}, key: {{ .ctx.Values.livekit.apiSecretKey }}, optional: {{ .optional }}}
 {{- end -}}
 
 {{/* Ray Serve config (serveConfigV2): the same document as deploy/serve/config.yaml, from values. */}}
