@@ -12,9 +12,9 @@ from setuptools.command.build_py import build_py
 ROOT = Path(__file__).resolve().parent
 
 
-def _protogen():
+def _codegen():
     # Loaded by path: the project is not importable while it is being built.
-    spec = importlib.util.spec_from_file_location("_avatar_forcing_protogen", ROOT / "services/wire/codegen.py")
+    spec = importlib.util.spec_from_file_location("_avatar_forcing_codegen", ROOT / "services/wire/codegen.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -23,15 +23,15 @@ def _protogen():
 
 class BuildPyWithProtos(build_py):
     def run(self):
-        protogen = _protogen()
-        if protogen.proto_files():
-            protogen.generate()
-        elif not any((protogen.OUT_ROOT / protogen.PROTO_PACKAGE).glob("*_pb2.py")):
+        codegen = _codegen()
+        if codegen.proto_files():
+            codegen.generate()
+        elif not any((codegen.OUT_ROOT / codegen.PROTO_PACKAGE).glob("*_pb2.py")):
             raise RuntimeError(
-                f"setup.py: neither {protogen.PROTO_ROOT} nor generated code; the sdist must include protos/"
+                f"setup.py: neither {codegen.PROTO_ROOT} nor generated code; the sdist must include protos/"
             )
         # Packages were discovered before the code existed (fresh checkout): add them.
-        for package in protogen.generated_packages():
+        for package in codegen.generated_packages():
             if package not in self.packages:
                 self.packages.append(package)
         super().run()

@@ -94,7 +94,7 @@ def generate(force: bool = False, proto_root: Path = PROTO_ROOT, out_root: Path 
     """Generate the Python modules if they are missing or stale; True when it (re)generated."""
     protos = proto_files(proto_root)
     if not protos:
-        raise ProtoGenError(f"protogen: no .proto files under {proto_root / PROTO_PACKAGE}")
+        raise ProtoGenError(f"codegen: no .proto files under {proto_root / PROTO_PACKAGE}")
     out_root.mkdir(parents=True, exist_ok=True)
     with _locked(out_root / LOCK):
         if not force and not is_stale(proto_root, out_root):
@@ -123,7 +123,7 @@ def _grpc_tools_include() -> Path:
     spec = importlib.util.find_spec("grpc_tools")
     if spec is None or not spec.submodule_search_locations:
         raise ProtoGenError(
-            "protogen: grpcio-tools is not installed; expected `pip install grpcio-tools` "
+            "codegen: grpcio-tools is not installed; expected `pip install grpcio-tools` "
             "(it is in the build requirements and the `serve` extra)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "_proto"
@@ -143,7 +143,7 @@ def _run_protoc(protos: list[Path], proto_root: Path, out: Path) -> None:
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise ProtoGenError(f"protogen: protoc failed (exit {result.returncode}):\n{result.stderr.strip()}")
+        raise ProtoGenError(f"codegen: protoc failed (exit {result.returncode}):\n{result.stderr.strip()}")
 
 
 def _rewrite_imports(package_dir: Path) -> None:
@@ -156,7 +156,7 @@ def _rewrite_imports(package_dir: Path) -> None:
             f"BuildTopDescriptorsAndMessages(DESCRIPTOR, '{GENERATED_PACKAGE}.avatar_forcing.v1.",
         )
         if _LEFTOVER_RE.search(text):
-            raise ProtoGenError(f"protogen: {path.name}: an import of avatar_forcing.* was left unrewritten")
+            raise ProtoGenError(f"codegen: {path.name}: an import of avatar_forcing.* was left unrewritten")
         path.write_text(text)
 
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         stale = is_stale()
-        print(f"protogen: {OUT_ROOT} is {'stale or missing' if stale else 'up to date'}")
+        print(f"codegen: {OUT_ROOT} is {'stale or missing' if stale else 'up to date'}")
         return 1 if stale else 0
     try:
         changed = generate(force=args.force)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     count = len(expected_modules())
-    print(f"protogen: {'generated' if changed else 'up to date:'} {count} modules in {OUT_ROOT / PROTO_PACKAGE}")
+    print(f"codegen: {'generated' if changed else 'up to date:'} {count} modules in {OUT_ROOT / PROTO_PACKAGE}")
     return 0
 
 

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from services.wire import codegen as protogen
+from services.wire import codegen
 
 MODULES = ("limits", "tensor", "common", "audio_features", "motion_encoder", "generator", "decoder", "session")
 # service -> the .proto file (module stem) that defines it
@@ -40,19 +40,19 @@ SERVICE_MODULES = {
     "AvatarSession": "session",
 }
 SERVICES = tuple(SERVICE_MODULES)
-PACKAGE = f"{protogen.GENERATED_PACKAGE}.{protogen.PROTO_PACKAGE.replace('/', '.')}"
+PACKAGE = f"{codegen.GENERATED_PACKAGE}.{codegen.PROTO_PACKAGE.replace('/', '.')}"
 
 
 def _ensure_generated() -> None:
-    if not protogen.proto_files():
+    if not codegen.proto_files():
         return  # installed without the sources: the wheel carries the generated modules
-    if not protogen.is_stale():
+    if not codegen.is_stale():
         return  # read-only check: a read-only source tree with fresh code is fine
     try:
-        if protogen.generate():
+        if codegen.generate():
             importlib.invalidate_caches()
-    except (OSError, protogen.ProtoGenError) as exc:
-        if not all(p.is_file() for p in protogen.expected_modules()):
+    except (OSError, codegen.ProtoGenError) as exc:
+        if not all(p.is_file() for p in codegen.expected_modules()):
             raise
         warnings.warn(f"protos: using the existing generated code; regeneration failed: {exc}", stacklevel=2)
 

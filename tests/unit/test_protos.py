@@ -18,8 +18,7 @@ import torch
 
 from avatar_forcing.config import SAMPLES_PER_FRAME, paper
 from services.common.torch_tensors import decode_torch
-from services.wire import codegen as protogen
-from services.wire import errors
+from services.wire import codegen, errors
 from services.wire.errors import ValidationError
 from services.wire.protos import SERVICES, Limit, grpc_options, pb, pb_grpc, service_full_name, servicer_function
 from services.wire.tensors import decode, encode
@@ -30,14 +29,14 @@ from services.wire.tensors import decode, encode
 @pytest.fixture()
 def proto_copy(tmp_path: Path) -> Path:
     root = tmp_path / "protos"
-    shutil.copytree(protogen.PROTO_ROOT, root)
+    shutil.copytree(codegen.PROTO_ROOT, root)
     return root
 
 
 def test_generate_is_idempotent_and_regenerates_on_change(proto_copy: Path, tmp_path: Path):
     out = tmp_path / "generated"
-    assert protogen.generate(proto_root=proto_copy, out_root=out) is True
-    modules = protogen.expected_modules(proto_copy, out)
+    assert codegen.generate(proto_root=proto_copy, out_root=out) is True
+    modules = codegen.expected_modules(proto_copy, out)
     assert modules and all(p.is_file() for p in modules)
     assert (out / "__init__.py").is_file() and (out / "avatar_forcing" / "v1" / "__init__.py").is_file()
     for path in modules:
@@ -49,33 +48,33 @@ def test_generate_is_idempotent_and_regenerates_on_change(proto_copy: Path, tmp_
         in (out / "avatar_forcing/v1/generator_pb2.py").read_text()
     )
 
-    assert protogen.generate(proto_root=proto_copy, out_root=out) is False  # up to date
-    assert protogen.generate(force=True, proto_root=proto_copy, out_root=out) is True
+    assert codegen.generate(proto_root=proto_copy, out_root=out) is False  # up to date
+    assert codegen.generate(force=True, proto_root=proto_copy, out_root=out) is True
 
     tensor = proto_copy / "avatar_forcing" / "v1" / "tensor.proto"
     tensor.write_text(tensor.read_text() + "\nmessage Extra { int32 x = 1; }\n")
-    assert protogen.is_stale(proto_copy, out)
-    assert protogen.generate(proto_root=proto_copy, out_root=out) is True
+    assert codegen.is_stale(proto_copy, out)
+    assert codegen.generate(proto_root=proto_copy, out_root=out) is True
     assert "Extra" in (out / "avatar_forcing/v1/tensor_pb2.pyi").read_text()
 
     (proto_copy / "avatar_forcing" / "v1" / "extra.proto").write_text(
         'syntax = "proto3";\npackage avatar_forcing.v1;\n'
     )
-    protogen.generate(proto_root=proto_copy, out_root=out)
+    codegen.generate(proto_root=proto_copy, out_root=out)
     (proto_copy / "avatar_forcing" / "v1" / "extra.proto").unlink()
-    protogen.generate(proto_root=proto_copy, out_root=out)
+    codegen.generate(proto_root=proto_copy, out_root=out)
     assert not (out / "avatar_forcing" / "v1" / "extra_pb2.py").exists()  # obsolete modules go
 
 
 def test_generate_reports_protoc_errors(proto_copy: Path, tmp_path: Path):
     broken = proto_copy / "avatar_forcing" / "v1" / "tensor.proto"
     broken.write_text(broken.read_text().replace("bytes data = 3;", "bytes data = ;"))
-    with pytest.raises(protogen.ProtoGenError, match=r"tensor\.proto"):
-        protogen.generate(proto_root=proto_copy, out_root=tmp_path / "generated")
+    with pytest.raises(codegen.ProtoGenError, match=r"tensor\.proto"):
+        codegen.generate(proto_root=proto_copy, out_root=tmp_path / "generated")
 
 
-def test_protogen_cli_check():
-    protogen.generate()
+def test_codegen_cli_check():
+    codegen.generate()
     done = subprocess.run([sys.executable, "-m", "services.wire.codegen", "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -83,7 +82,7 @@ def test_protogen_cli_check():
 def test_every_field_is_documented():
     """Each field carries a comment (its meaning and limit) on its line or the line before."""
     field = re.compile(r"^\s*(optional |repeated )?[\w.]+ \w+ = \d+;")
-    for path in protogen.proto_files():
+    for path in codegen.proto_files():
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
             if field.match(line) and "//" not in line:
