@@ -16,9 +16,9 @@ from typing import Any
 from ray import serve
 
 from services.audio_features.servicer import AudioFeaturesServicer
-from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
+from services.common.servicer_call import call_servicer
 from services.wire.protos import audio_features_pb2
 
 
@@ -29,7 +29,9 @@ class AudioFeatures:
         self.servicer = AudioFeaturesServicer(load_model(self.settings), None, self.settings)
 
     async def Extract(self, request, grpc_context=None):
-        return await rpc.call(self.servicer.Extract, request, grpc_context, audio_features_pb2.ExtractFeaturesResponse)
+        return await call_servicer(
+            self.servicer.Extract, request, grpc_context, audio_features_pb2.ExtractFeaturesResponse
+        )
 
     async def check_health(self) -> None:
         pass  # stateless: a replica that answers is healthy

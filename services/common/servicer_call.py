@@ -18,7 +18,7 @@ from services.wire.errors import ServiceError, set_status
 log = logging.getLogger(__name__)
 
 
-async def call(
+async def call_servicer(
     method: Callable[..., Awaitable[Any]], request: Any, grpc_context: Any = None, empty: type | None = None
 ) -> Any:
     try:

@@ -16,9 +16,9 @@ from typing import Any
 
 from ray import serve
 
-from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
+from services.common.servicer_call import call_servicer
 from services.decoder.servicer import DecoderServicer
 from services.store import SessionStore
 from services.wire.protos import decoder_pb2
@@ -32,7 +32,7 @@ class FrameDecoder:
         self.servicer = DecoderServicer(load_model(self.settings), self.store, self.settings)
 
     async def Decode(self, request, grpc_context=None):
-        return await rpc.call(self.servicer.Decode, request, grpc_context, decoder_pb2.DecodeResponse)
+        return await call_servicer(self.servicer.Decode, request, grpc_context, decoder_pb2.DecodeResponse)
 
     async def check_health(self) -> None:
         pass  # Redis trouble is answered per request (UNAVAILABLE); restarting the replica would not help

@@ -15,9 +15,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult
-from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
+from services.common.servicer_call import call_servicer
 from services.generator.router import SessionAffinityRouter
 from services.generator.servicer import GeneratorServicer
 from services.store import SessionStore
@@ -54,14 +54,18 @@ class Generator:
 
     async def OpenSession(self, request, grpc_context=None):
         self._start_upkeep()
-        return await rpc.call(self.servicer.OpenSession, request, grpc_context, generator_pb2.OpenSessionResponse)
+        return await call_servicer(self.servicer.OpenSession, request, grpc_context, generator_pb2.OpenSessionResponse)
 
     async def GenerateBlock(self, request, grpc_context=None):
         self._start_upkeep()
-        return await rpc.call(self.servicer.GenerateBlock, request, grpc_context, generator_pb2.GenerateBlockResponse)
+        return await call_servicer(
+            self.servicer.GenerateBlock, request, grpc_context, generator_pb2.GenerateBlockResponse
+        )
 
     async def CloseSession(self, request, grpc_context=None):
-        return await rpc.call(self.servicer.CloseSession, request, grpc_context, generator_pb2.CloseSessionResponse)
+        return await call_servicer(
+            self.servicer.CloseSession, request, grpc_context, generator_pb2.CloseSessionResponse
+        )
 
     def record_routing_stats(self) -> dict:
         return self.servicer.routing_stats()

@@ -14,10 +14,11 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from services.common import servicer_call as rpc
 from services.common.auth import tenant_from_grpc_metadata
 from services.common.config import Settings
-from services.ingress.pipeline import IngressSettings, SessionPipeline, Stages
+from services.common.servicer_call import call_servicer
+from services.ingress.config import IngressSettings, Stages
+from services.ingress.pipeline import SessionPipeline
 from services.store import SessionStore
 from services.wire.errors import ServiceError, TenantMismatchError, UnavailableError, set_status
 from services.wire.protos import audio_features_pb2, decoder_pb2, generator_pb2, motion_encoder_pb2, pb
@@ -143,7 +144,7 @@ class SessionIngress:
                     raise TenantMismatchError("tenant_id", message.tenant_id, tenant)
             return await stage(message)
 
-        return await rpc.call(authorized, request, grpc_context, empty)
+        return await call_servicer(authorized, request, grpc_context, empty)
 
 
 async def _prepend(first, rest):

@@ -11,11 +11,10 @@ prepare(k+1) runs while k generates and k−1 decodes. Each block is one trace: 
 `block` with a child span per stage call, whose traceparent the call carries to the
 servicer, and its latency and real-time factor are metrics (`services.common.telemetry`).
 
-Timeline: frame i covers the samples [640 i, 640 (i+1)) of every audio source and the
-camera frame nearest i * 40 ms. The media horizon is how far the user's (real-time)
-media has arrived — or the avatar audio's, when no user media comes at all; gaps are
-silence, missing camera frames repeat the previous one. Block k is complete once the
-horizon passes its last frame plus the audio encoder's look-ahead, or at EndOfInput.
+The session timeline and the media horizon are `media.MediaState`'s, when a block is
+complete and what its features read is `schedule`'s, and the real-time policy is `policy`'s.
+Memory stays bounded however long the session: the audio timelines forget what no block's
+window and no unsent frame needs (`timeline.AudioTimeline`).
 """
 
 from __future__ import annotations
@@ -24,133 +23,57 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 
-import cv2
 import numpy as np
 
 from avatar_forcing.config import SAMPLES_PER_FRAME
-from avatar_forcing.engine.streaming_audio import DEFAULT_LEFT_CONTEXT_S, DEFAULT_LOOKAHEAD_FRAMES
 from avatar_forcing.media.face_crop import FaceCropper, FaceTrack, NoFaceError
-from services.common.telemetry import BlockTrace, metrics
+from services.common.telemetry import BlockTrace
+from services.ingress.config import Call, IngressSettings, Stages
+from services.ingress.media import FRAME_US, MediaState
 from services.ingress.policy import HELD_FRAME, REDUCED_NFE, Decision, RealtimePolicy
+from services.ingress.schedule import (
+    PendingBlock,
+    absent_motion,
+    blocks_behind,
+    extract_request,
+    features_from,
+    next_block,
+    zero_features,
+)
+from services.ingress.session import SessionContext, close_session, open_session
 from services.store import SessionStore
 from services.wire.errors import ServiceError, ValidationError, error_fields
-from services.wire.ids import check_id
 from services.wire.protos import Limit, pb
 from services.wire.tensors import decode as decode_tensor
 from services.wire.tensors import encode
 
+__all__ = ["DECODE_CHUNK", "IngressSettings", "SessionPipeline", "Stages"]
+
 log = logging.getLogger(__name__)
-FRAME_US = 1_000_000 // Limit.FPS
 DECODE_CHUNK = 10  # frames per Decode call: 10 RAW_RGB 512x512 frames fit one 8 MiB message
 
-Call = Callable[[object], Awaitable[object]]
-
-
-@dataclass
-class Stages:
-    extract: Call  # AudioFeatures.Extract
-    encode_user_motion: Call  # MotionEncoder.EncodeUserMotion
-    encode_portrait: Call  # MotionEncoder.EncodePortrait
-    open_session: Call  # MotionGenerator.OpenSession (routed to the session's replica)
-    generate_block: Call  # MotionGenerator.GenerateBlock (routed to the session's replica)
-    close_session: Call  # MotionGenerator.CloseSession
-    decode: Call  # FrameDecoder.Decode
-
-
-@dataclass(frozen=True)
-class IngressSettings:
-    image_size: int
-    left_context_s: float = DEFAULT_LEFT_CONTEXT_S
-    lookahead_frames: int = DEFAULT_LOOKAHEAD_FRAMES
-    latency_budget_s: float = 0.8  # a block later than this after its input counts as late
-    degrade: bool = True  # the real-time policy; off: every block at full quality, however late
-    face_detect_every: int = 5
-    video_grace_frames: int = 5  # how far the camera may lag the microphone before its frames are held
-    # Beyond this many complete blocks waiting, a block is held without computing its features
-    # (absent conditions): under overload even the feature stages cannot make latency grow.
-    max_backlog_with_features: int = 3
-    prefetch_blocks: int = 3  # blocks with features computed or in flight: k (generating), k+1, k+2
-    heartbeat_s: float = 5.0
-
-
-class AudioTimeline:
-    """int16 samples of one source on the session timeline; gaps are silence."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.samples = np.zeros(0, np.int16)
-
-    @property
-    def end(self) -> int:
-        return self.samples.shape[0]
-
-    def write(self, timestamp_us: int, pcm: np.ndarray) -> None:
-        start = timestamp_us * Limit.SAMPLE_RATE // 1_000_000
-        if start < self.end:
-            raise ValidationError(
-                f"audio({self.name}).timestamp_us",
-                f"{timestamp_us} overlaps audio already received up to {self.end * 1_000_000 // Limit.SAMPLE_RATE} us",
-            )
-        gap = np.zeros(start - self.end, np.int16)
-        self.samples = np.concatenate([self.samples, gap, pcm])
-
-    def truncate(self, sample: int) -> None:
-        self.samples = self.samples[: max(0, sample)]
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Samples [start, stop) as int16, silence past the end."""
-        chunk = self.samples[start:stop]
-        return np.pad(chunk, (0, max(0, (stop - start) - chunk.shape[0])))
-
-
-@dataclass
-class PendingBlock:
-    first: int  # session frame index
-    frames: int
-    ready_at: float  # monotonic time its input was complete
-    features: asyncio.Task | None = None  # -> (avatar_audio, user_audio, user_motion) tensors
-    last: bool = False
-    trace: BlockTrace | None = None  # its trace (root span `block`) and metrics
-    has_slot: bool = False  # holds one of the pipeline's feature slots
-
-
-@dataclass
-class SessionContext:
-    session_id: str
-    tenant_id: str
-    avatar_id: str
-    block: int
-    nfe: int
-    output_format: int
-    jpeg_quality: int
-    width: int
-    height: int
-    created: bool  # we created the Redis record (so we delete it at the end)
-
-
-@dataclass
-class _State:
-    avatar: AudioTimeline = field(default_factory=lambda: AudioTimeline("AVATAR"))
-    user: AudioTimeline = field(default_factory=lambda: AudioTimeline("USER"))
-    frames: dict[int, np.ndarray] = field(default_factory=dict)
-    last_frame: np.ndarray | None = None
-    user_media_seen: bool = False
-    ended: bool = False
-    next_block_frame: int = 0  # first frame of the next block to prepare
-    video_end: int = 0  # samples covered by camera frames received so far (kept after frames are used)
+Clock = Callable[[], float]
 
 
 class SessionPipeline:
-    def __init__(self, stages: Stages, store: SessionStore, settings: IngressSettings, tenant_id: str) -> None:
+    def __init__(
+        self,
+        stages: Stages,
+        store: SessionStore,
+        settings: IngressSettings,
+        tenant_id: str,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.stages = stages
         self.store = store
         self.settings = settings
         self.tenant_id = tenant_id
-        self.state = _State()
+        # Seconds for block latencies (what the real-time policy judges): injectable so that a
+        # test can run a session on virtual time, whatever the speed of the machine.
+        self.clock = clock
+        self.state = MediaState(video_grace_frames=settings.video_grace_frames)
         self.face = FaceTrack(FaceCropper(settings.image_size), settings.face_detect_every)
         self.out: asyncio.Queue[pb.ServerMessage | None] = asyncio.Queue()
         self.input_event = asyncio.Event()
@@ -158,6 +81,7 @@ class SessionPipeline:
         # so each block's features start at once and its `ready_at` is when its input completed.
         self.ready: asyncio.Queue[PendingBlock | None] = asyncio.Queue()
         self.feature_slots = asyncio.Semaphore(settings.prefetch_blocks)
+        self.unsent_frame = 0  # the first frame not yet sent: its avatar audio is still to be read
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -165,7 +89,7 @@ class SessionPipeline:
         first = await anext(requests, None)
         if first is None or first.WhichOneof("message") != "start":
             raise ValidationError("message", "the first client message must be Start")
-        ctx = await self._start(first.start)
+        ctx = await open_session(self.stages, self.store, self.settings, self.tenant_id, first.start)
         yield pb.ServerMessage(
             started=pb.Started(
                 session_id=ctx.session_id,
@@ -179,7 +103,7 @@ class SessionPipeline:
             )
         )
         tasks = [
-            asyncio.create_task(self._read(requests, ctx)),
+            asyncio.create_task(self._read(requests)),
             asyncio.create_task(self._schedule(ctx)),
             asyncio.create_task(self._generate(ctx)),
             asyncio.create_task(self._heartbeat(ctx)),
@@ -193,78 +117,21 @@ class SessionPipeline:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self._close(ctx)
-
-    async def _start(self, start: pb.Start) -> SessionContext:
-        options = start.options
-        block = options.block if options.HasField("block") else 10
-        nfe = options.nfe if options.HasField("nfe") else 10
-        output_format = start.output_format or pb.JPEG
-        if output_format not in (pb.RAW_RGB, pb.JPEG):
-            raise ValidationError("start.output_format", f"got {output_format}; expected RAW_RGB or JPEG")
-        quality = start.jpeg_quality or 85
-        if not 1 <= quality <= Limit.MAX_JPEG_QUALITY:
-            raise ValidationError("start.jpeg_quality", f"got {quality}; expected [1, {Limit.MAX_JPEG_QUALITY}]")
-        which = start.WhichOneof("avatar")
-        if which == "portrait":
-            portrait = start.portrait
-            avatar_id = ""
-        elif which == "avatar_id":
-            avatar_id = check_id("start.avatar_id", start.avatar_id)
-            portrait = await self.store.get_avatar(self.tenant_id, avatar_id)
-        else:
-            raise ValidationError("start.avatar", "expected avatar_id or portrait")
-        encoded = await self.stages.encode_portrait(
-            pb.EncodePortraitRequest(tenant_id=self.tenant_id, image=portrait, avatar_id=avatar_id)
-        )
-        if start.session_id:
-            session_id = check_id("start.session_id", start.session_id)
-            await self.store.get(session_id, self.tenant_id)  # NOT_FOUND / PERMISSION_DENIED
-            created = False
-        else:
-            session_id = uuid.uuid4().hex
-            await self.store.create(session_id, self.tenant_id, encoded.avatar_id, status="active")
-            created = True
-        ctx = SessionContext(
-            session_id,
-            self.tenant_id,
-            encoded.avatar_id,
-            block,
-            nfe,
-            output_format,
-            quality,
-            self.settings.image_size,
-            self.settings.image_size,
-            created,
-        )
-        try:
-            await self.stages.open_session(
-                pb.OpenSessionRequest(
-                    session_id=session_id,
-                    tenant_id=self.tenant_id,
-                    options=options,
-                    reference_motion=encoded.reference_motion,
-                    avatar_id=encoded.avatar_id,
-                )
-            )
-        except BaseException:
-            await self._close(ctx)
-            raise
-        return ctx
+            await close_session(self.stages, self.store, ctx)
 
     # -- input -----------------------------------------------------------------------------
 
-    async def _read(self, requests: AsyncIterator[pb.ClientMessage], ctx: SessionContext) -> None:
+    async def _read(self, requests: AsyncIterator[pb.ClientMessage]) -> None:
         try:
             async for message in requests:
                 kind = message.WhichOneof("message")
                 try:
                     if kind == "audio":
-                        self._on_audio(message.audio)
+                        self.state.on_audio(message.audio)
                     elif kind == "video":
-                        self._on_video(message.video)
+                        self.state.on_video(message.video)
                     elif kind == "interrupt":
-                        await self.out.put(pb.ServerMessage(interrupted=self._on_interrupt()))
+                        await self.out.put(pb.ServerMessage(interrupted=self.state.on_interrupt()))
                     elif kind == "end_of_input":
                         break
                     else:
@@ -277,106 +144,59 @@ class SessionPipeline:
             self.state.ended = True
             self.input_event.set()
 
-    def _on_audio(self, chunk: pb.AudioChunk) -> None:
-        if chunk.sample_rate != Limit.SAMPLE_RATE:
-            raise ValidationError("audio.sample_rate", f"got {chunk.sample_rate}; expected {Limit.SAMPLE_RATE}")
-        if chunk.source not in (pb.AVATAR, pb.USER):
-            raise ValidationError("audio.source", "expected AVATAR or USER")
-        if chunk.timestamp_us < 0:
-            raise ValidationError("audio.timestamp_us", f"got {chunk.timestamp_us}; expected >= 0")
-        data = chunk.pcm_s16le
-        if not data or len(data) % 2 or len(data) // 2 > Limit.MAX_AUDIO_CHUNK_SAMPLES:
-            raise ValidationError(
-                "audio.pcm_s16le", f"{len(data)} bytes; expected 2 to {2 * Limit.MAX_AUDIO_CHUNK_SAMPLES}, even"
-            )
-        timeline = self.state.avatar if chunk.source == pb.AVATAR else self.state.user
-        if chunk.source == pb.AVATAR:
-            ahead = chunk.timestamp_us // 1000 - self.state.next_block_frame * FRAME_US // 1000
-            if ahead > Limit.MAX_BUFFERED_AUDIO_MS:
-                raise ValidationError(
-                    "audio.timestamp_us",
-                    f"{ahead} ms ahead of generation; at most {Limit.MAX_BUFFERED_AUDIO_MS} ms may be buffered",
-                )
-        else:
-            self.state.user_media_seen = True
-        timeline.write(chunk.timestamp_us, np.frombuffer(data, "<i2").astype(np.int16))
-
-    def _on_video(self, video: pb.VideoFrame) -> None:
-        if video.timestamp_us < 0:
-            raise ValidationError("video.timestamp_us", f"got {video.timestamp_us}; expected >= 0")
-        index = (video.timestamp_us + FRAME_US // 2) // FRAME_US
-        if index < self.state.next_block_frame:
-            metrics().count_dropped("late_video")
-            return  # older than the generation cursor: dropped, as the contract says
-        self.state.frames[index] = decode_image(video.image, "video.image")
-        self.state.video_end = max(self.state.video_end, (index + 1) * SAMPLES_PER_FRAME)
-        self.state.user_media_seen = True
-
-    def _on_interrupt(self) -> pb.Interrupted:
-        frame = self.state.next_block_frame
-        self.state.avatar.truncate(frame * SAMPLES_PER_FRAME)
-        return pb.Interrupted(frame_index=frame)
-
-    def _horizon(self) -> int:
-        """Samples of the timeline that have arrived (the real-time media's, see the module doc).
-
-        With both a microphone and a camera, a block waits for both, but never more than
-        `video_grace_frames` for a lagging or stalled camera (its frames are then held).
-        """
-        s = self.state
-        if not s.user_media_seen:
-            return s.avatar.end
-        video_end = (max(s.frames) + 1) * SAMPLES_PER_FRAME if s.frames else 0
-        video_end = max(video_end, s.video_end)
-        if s.user.end == 0:
-            return video_end
-        if video_end == 0:
-            return s.user.end
-        grace = self.settings.video_grace_frames * SAMPLES_PER_FRAME
-        return min(s.user.end, max(video_end, s.user.end - grace))
-
     # -- blocks ----------------------------------------------------------------------------
 
     def _next_ready_block(self, ctx: SessionContext) -> PendingBlock | None:
-        s = self.state
-        first = s.next_block_frame
-        total = -(-self._horizon() // SAMPLES_PER_FRAME)  # frames begun
-        if s.ended:
-            if first >= total:
-                return None
-            frames = min(ctx.block, total - first)
-            last = first + frames >= total
-        else:
-            needed = (first + ctx.block + self.settings.lookahead_frames) * SAMPLES_PER_FRAME
-            if self._horizon() < needed:
-                return None
-            frames, last = ctx.block, False
-        s.next_block_frame = first + frames
-        trace = BlockTrace(ctx.session_id, ctx.tenant_id, first, frames, last)
-        block = PendingBlock(first, frames, time.monotonic(), last=last, trace=trace)
-        crops = self._user_crops(first, frames)
-        block.features = asyncio.create_task(self._features(ctx, block, crops, total if s.ended else None))
+        s, settings = self.state, self.settings
+        span = next_block(s, ctx.block, settings.lookahead_frames)
+        if span is None:
+            return None
+        # The windows are read now, before the cursor moves on and the timelines forget what
+        # lies behind the next block's left context.
+        horizon = s.horizon()
+        extracts = tuple(
+            extract_request(span, source, timeline, horizon, settings, ctx)
+            for source, timeline in ((pb.AVATAR, s.avatar), (pb.USER, s.user))
+        )
+        s.next_block_frame = span.first + span.frames
+        trace = BlockTrace(ctx.session_id, ctx.tenant_id, span.first, span.frames, span.last)
+        block = PendingBlock(span.first, span.frames, self.clock(), last=span.last, trace=trace)
+        crops = self._user_crops(span.first, span.frames)
+        block.features = asyncio.create_task(self._features(ctx, block, extracts, crops))
+        self._release_audio()
         return block
+
+    def _release_audio(self) -> None:
+        """Let the timelines forget audio no block's window and no unsent frame will read."""
+        needed = features_from(self.state.next_block_frame, self.settings.left_context_s)
+        self.state.user.release(needed)
+        self.state.avatar.release(min(needed, self.unsent_frame * SAMPLES_PER_FRAME))
 
     def _user_crops(self, first: int, frames: int) -> np.ndarray | None:
         """Face crops of the block's camera frames (held across gaps); None: no face seen yet."""
-        images = []
-        for index in range(first, first + frames):
-            frame = self.state.frames.pop(index, None)
-            if frame is not None:
-                self.state.last_frame = frame
-            if self.state.last_frame is None:
-                return None
-            images.append(self.state.last_frame)
+        images = self.state.take_frames(first, frames)
+        if images is None:
+            return None
         try:
-            return self.face.crops(np.stack(images), "user camera")
+            return self.face.crops(images, "user camera")
         except NoFaceError:
             return None  # no face yet: the user's motion condition stays absent (zeros)
 
-    async def _features(self, ctx: SessionContext, block: PendingBlock, crops: np.ndarray | None, total: int | None):
-        avatar, user = (self._extract(ctx, block, timeline, total) for timeline in (self.state.avatar, self.state.user))
+    async def _features(
+        self,
+        ctx: SessionContext,
+        block: PendingBlock,
+        extracts: tuple[pb.ExtractFeaturesRequest, pb.ExtractFeaturesRequest],
+        crops: np.ndarray | None,
+    ):
+        avatar, user = (
+            self._call(
+                block, "audio_features", self.stages.extract, request, source=pb.AudioSource.Name(request.source)
+            )
+            for request in extracts
+        )
         if crops is None:
-            motion = _zeros(block.frames)
+            motion = absent_motion(block.frames)
         else:
             motion = self._call(
                 block,
@@ -389,9 +209,10 @@ class SessionPipeline:
                     crops=encode(crops, "crops", max_bytes=Limit.MAX_CROPS_TENSOR_BYTES),
                 ),
             )
-        # The windows were read above. The calls wait for one of `prefetch_blocks` slots, held until
-        # the generator is done with the block: features run at most that far ahead of generation,
-        # and a block dropped from a deep backlog never computes them.
+        # The windows were read when the block was scheduled. The calls wait for one of
+        # `prefetch_blocks` slots, held until the generator is done with the block: features run
+        # at most that far ahead of generation, and a block dropped from a deep backlog never
+        # computes them.
         await self.feature_slots.acquire()
         block.has_slot = True
         if self._too_far_behind(block):
@@ -400,34 +221,6 @@ class SessionPipeline:
             return None  # the generator holds this block with absent conditions
         avatar_r, user_r, motion_r = await asyncio.gather(avatar, user, motion)
         return avatar_r.features, user_r.features, motion_r.latents
-
-    def _extract(self, ctx: SessionContext, block: PendingBlock, timeline: AudioTimeline, total: int | None):
-        """The bounded window the streaming audio encoder would use for the block's frames (read now)."""
-        first, frames = block.first, block.frames
-        left = round(self.settings.left_context_s * Limit.FPS)
-        start = max(0, first - left)
-        end = first + frames + self.settings.lookahead_frames
-        received = max(self._horizon(), timeline.end)
-        if total is not None:
-            end = min(end, total)
-        stop = min(end * SAMPLES_PER_FRAME, received)
-        window = timeline.read(start * SAMPLES_PER_FRAME, stop).astype(np.float32) / 32768.0
-        return self._call(
-            block,
-            "audio_features",
-            self.stages.extract,
-            pb.ExtractFeaturesRequest(
-                session_id=ctx.session_id,
-                tenant_id=ctx.tenant_id,
-                source=pb.AVATAR if timeline is self.state.avatar else pb.USER,
-                samples=encode(window, "samples"),
-                sample_rate=Limit.SAMPLE_RATE,
-                first_frame=first,
-                num_frames=frames,
-                left_context_samples=(first - start) * SAMPLES_PER_FRAME,
-            ),
-            source=timeline.name,
-        )
 
     async def _call(self, block: PendingBlock, stage: str, call: Call, request, **attributes):
         """One stage call for a block: a child span of the block's, whose traceparent the request carries."""
@@ -439,8 +232,7 @@ class SessionPipeline:
         """More than `max_backlog_with_features` complete blocks behind the live edge: hold, skip features."""
         if not self.settings.degrade:
             return False
-        behind = (self.state.next_block_frame - block.first - block.frames) // max(1, block.frames)
-        return behind > self.settings.max_backlog_with_features
+        return blocks_behind(self.state, block) > self.settings.max_backlog_with_features
 
     async def _schedule(self, ctx: SessionContext) -> None:
         """Queue each block as soon as its input is complete (its features start right away)."""
@@ -453,11 +245,13 @@ class SessionPipeline:
                 await self.ready.put(None)
                 return
 
+    # -- generation and output -------------------------------------------------------------
+
     async def _generate(self, ctx: SessionContext) -> None:
         """Blocks in order: generate, then hand the latents to the in-order decoder."""
         policy = RealtimePolicy(ctx.nfe, self.settings.latency_budget_s)
         decodes: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
-        emitter = asyncio.create_task(self._emit(ctx, decodes))
+        emitter = asyncio.create_task(self._emit(decodes))
         next_input = 0
         block: PendingBlock | None = None
         try:
@@ -468,7 +262,7 @@ class SessionPipeline:
                     features = None if self._too_far_behind(block) else await block.features
                     if features is None:
                         block.features.cancel()
-                        avatar = user = motion = _zero_features(block.frames)
+                        avatar = user = motion = zero_features(block.frames)
                         decision = Decision(HELD_FRAME, 0, True)
                     else:
                         avatar, user, motion = features
@@ -545,7 +339,7 @@ class SessionPipeline:
                 first_frame=response.first_frame + offset,
                 frames=chunk.shape[0],
             )
-            latency_ms = (time.monotonic() - block.ready_at) * 1000
+            latency_ms = (self.clock() - block.ready_at) * 1000
             items = decoded.frames
             if response.held:
                 items = [
@@ -570,16 +364,20 @@ class SessionPipeline:
                         )
                     )
                 )
-        latency = time.monotonic() - block.ready_at
+        latency = self.clock() - block.ready_at
         block.trace.frames_ready(len(frames), level, latency)
         if observe is not None:
             observe(latency)
         return frames
 
-    async def _emit(self, ctx: SessionContext, decodes: asyncio.Queue) -> None:
+    async def _emit(self, decodes: asyncio.Queue) -> None:
         while (task := await decodes.get()) is not None:
-            for message in await task:
+            messages = await task
+            for message in messages:
                 await self.out.put(message)
+            if messages:  # their audio is in the messages now: the avatar timeline may forget it
+                self.unsent_frame = max(self.unsent_frame, messages[-1].frame.frame_index + 1)
+                self._release_audio()
         await self.out.put(None)
 
     async def _heartbeat(self, ctx: SessionContext) -> None:
@@ -587,53 +385,3 @@ class SessionPipeline:
             await asyncio.sleep(self.settings.heartbeat_s)
             with contextlib.suppress(ServiceError):
                 await self.store.heartbeat(ctx.session_id, ctx.tenant_id)
-
-    async def _close(self, ctx: SessionContext) -> None:
-        """Free the generator's cache, then (for sessions we created) every Redis key."""
-        with contextlib.suppress(Exception):
-            await self.stages.close_session(pb.CloseSessionRequest(session_id=ctx.session_id, tenant_id=ctx.tenant_id))
-        if ctx.created:
-            with contextlib.suppress(Exception):
-                await self.store.close(ctx.session_id, ctx.tenant_id)
-
-
-def _zero_features(frames: int) -> pb.Tensor:
-    """Absent conditions for `frames` frames (what classifier-free guidance uses as 'no input')."""
-    return encode(np.zeros((frames, Limit.MOTION_DIM), np.float32), "features")
-
-
-def _zeros(frames: int) -> Awaitable:
-    async def zeros():
-        return pb.EncodeUserMotionResponse(latents=_zero_features(frames))
-
-    return zeros()
-
-
-def decode_image(image: pb.Image, field: str) -> np.ndarray:
-    """An Image message as uint8 RGB (H, W, 3), validated against the limits."""
-    if image.format == pb.RAW_RGB:
-        w, h = image.width, image.height
-        if not (
-            Limit.MIN_IMAGE_SIDE <= w <= Limit.MAX_IMAGE_SIDE and Limit.MIN_IMAGE_SIDE <= h <= Limit.MAX_IMAGE_SIDE
-        ):
-            raise ValidationError(
-                f"{field}.width/height", f"{w}x{h}; expected sides in [{Limit.MIN_IMAGE_SIDE}, {Limit.MAX_IMAGE_SIDE}]"
-            )
-        if len(image.data) != w * h * 3:
-            raise ValidationError(f"{field}.data", f"{len(image.data)} bytes; expected width*height*3 = {w * h * 3}")
-        return np.frombuffer(image.data, np.uint8).reshape(h, w, 3).copy()
-    if image.format in (pb.JPEG, pb.PNG):
-        if not image.data or len(image.data) > Limit.MAX_IMAGE_BYTES:
-            raise ValidationError(f"{field}.data", f"{len(image.data)} bytes; expected 1 to {Limit.MAX_IMAGE_BYTES}")
-        bgr = cv2.imdecode(np.frombuffer(image.data, np.uint8), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValidationError(f"{field}.data", "not a decodable JPEG/PNG image")
-        h, w = bgr.shape[:2]
-        if not (
-            Limit.MIN_IMAGE_SIDE <= w <= Limit.MAX_IMAGE_SIDE and Limit.MIN_IMAGE_SIDE <= h <= Limit.MAX_IMAGE_SIDE
-        ):
-            raise ValidationError(
-                f"{field}", f"{w}x{h}; expected sides in [{Limit.MIN_IMAGE_SIDE}, {Limit.MAX_IMAGE_SIDE}]"
-            )
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    raise ValidationError(f"{field}.format", "expected RAW_RGB, JPEG or PNG")

@@ -15,9 +15,9 @@ from typing import Any
 
 from ray import serve
 
-from services.common import servicer_call as rpc
 from services.common.config import Settings
 from services.common.model_loader import load_model
+from services.common.servicer_call import call_servicer
 from services.motion_encoder.servicer import MotionEncoderServicer
 from services.store import SessionStore
 from services.wire.protos import motion_encoder_pb2
@@ -31,12 +31,12 @@ class MotionEncoder:
         self.servicer = MotionEncoderServicer(load_model(self.settings), self.store, self.settings)
 
     async def EncodeUserMotion(self, request, grpc_context=None):
-        return await rpc.call(
+        return await call_servicer(
             self.servicer.EncodeUserMotion, request, grpc_context, motion_encoder_pb2.EncodeUserMotionResponse
         )
 
     async def EncodePortrait(self, request, grpc_context=None):
-        return await rpc.call(
+        return await call_servicer(
             self.servicer.EncodePortrait, request, grpc_context, motion_encoder_pb2.EncodePortraitResponse
         )
 

@@ -2,7 +2,7 @@
 
 Every error a service raises on purpose is a `ServiceError` subclass that carries its gRPC
 status code; messages name the field, the value and what was expected. Handlers map errors
-to statuses with `grpc_errors` (grpc.aio servicers) or `services.common.rpc.call` (Ray Serve gRPC
+to statuses with `grpc_errors` (grpc.aio servicers) or `services.common.servicer_call.call_servicer` (Ray Serve gRPC
 deployments, whose context has no `abort`); clients map a failed call back with `from_rpc_error`.
 
     ValidationError          INVALID_ARGUMENT     bad input (also: a plain ValueError from avatar_forcing)
