@@ -6,7 +6,9 @@ real-time policy ON; tiny model by default), then prints markdown tables of:
 1. per-stage latency p50/p95 of one block (10 frames) with real request sizes, each RPC sent
    through the proxy to the session ingress, which forwards it to the stage's deployment;
    and the end-to-end block latency (FrameTiming.block_latency_ms) of one AvatarSession.Stream
-   fed with the sample media at real time;
+   fed with the sample media at real time by the client CLI's own streaming function
+   (`services.client.cli.run_stream`, as `avatar-forcing client --realtime` runs it), on a stack
+   started as `avatar-forcing serve` starts it (`start_local`, its warm-up included);
 2. concurrent real-time sessions: N = 1, 2, 3, ... sessions paced at real time for
    `--session-s` seconds each step: frames/s delivered per session, block latency p50/p95,
    fraction of degraded frames; the largest N that sustains real time on this machine;
@@ -150,11 +152,13 @@ def _serving_sections(stack: BenchStack, media: Media, args: argparse.Namespace,
     """The sections that need the stack: stages and end to end, concurrency, service batching, leaks."""
     budget = args.latency_budget_s
     if not args.skip_stages:
-        log_progress("stages ...")
-        figures = asyncio.run(measure_stages(stack, media, args.repeats))
+        # The end-to-end session first: like the user's first `client` run after `serve` is ready,
+        # it finds the stack warmed by the launcher only, not by the stage calls below.
         log_progress("end-to-end session ...")
         frames = round(args.e2e_s * FPS)
         e2e = asyncio.run(paced_session(stack.target, stack.token(), media, frames, name="e2e"))
+        log_progress("stages ...")
+        figures = asyncio.run(measure_stages(stack, media, args.repeats))
         emit("\n## Per-stage latency, one block of 10 frames\n")
         emit(stage_table(figures, e2e))
         if e2e.error or not e2e.continuous:

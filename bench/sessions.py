@@ -1,16 +1,16 @@
 """One session measured on the client path: an `AvatarSession.Stream` fed with the sample media at
-real time through the proxy, and what it delivered - frame indices, FrameTiming latencies, the
-degradation per frame, arrival times - with the per-block figures derived from them."""
+real time through the proxy by the client CLI's own streaming function, and what it delivered -
+frame indices, FrameTiming latencies, the degradation per frame, arrival times - with the per-block
+figures derived from them."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.media import BLOCK, FRAME_S, FRAME_US, Media
+from avatar_forcing.config import SAMPLES_PER_FRAME
+from bench.media import BLOCK, FRAME_S, Media
 
 
 @dataclass
@@ -64,6 +64,24 @@ class SessionResult:
         return len(self.indices) / elapsed if elapsed > 0 else float("nan")
 
 
+def client_inputs(media: Media, frames: int, media_offset: int = 0) -> Any:
+    """The sample media, looped from `media_offset`, as the client CLI's `Inputs` (float audio,
+    RGB camera frames): what `avatar-forcing client` sends for these samples."""
+    import numpy as np
+
+    from services.client.cli import Inputs
+
+    samples = np.arange(frames * SAMPLES_PER_FRAME) + media_offset * SAMPLES_PER_FRAME
+    camera = (np.arange(frames) + media_offset) % media.frames.shape[0]
+    return Inputs(
+        portrait=media.portrait,
+        avatar_audio=media.speech[samples % media.speech.shape[0]].astype(np.float32) / 32767.0,
+        user_frames=media.frames[camera],
+        user_audio=media.user_audio[samples % media.user_audio.shape[0]].astype(np.float32) / 32767.0,
+        num_frames=frames,
+    )
+
+
 async def paced_session(
     target: str,
     token: str,
@@ -76,62 +94,36 @@ async def paced_session(
     timeout_s: float | None = None,
     options: dict[str, Any] | None = None,
 ) -> SessionResult:
-    """One session fed at real time: every 40 ms one avatar chunk (640 samples), one user chunk
-    and one camera frame (JPEG), each sent at the end of its media time (as a microphone and a
-    camera deliver them), then EndOfInput; reads every frame to the end of the stream.
+    """One session exactly as `avatar-forcing client --realtime` runs it: the client CLI's own
+    streaming function (`services.client.cli.run_stream`: its pacing - each camera frame and
+    microphone slice at the end of its 40 ms, the avatar audio a second ahead - its warm start,
+    JPEG output), fed with the sample media; reads every frame to the end of the stream.
     Never raises: failures are in `SessionResult.error`. Bounded by `timeout_s`."""
-    from services.client.session import AvatarClient
-    from services.wire.protos import pb
+    from services.client.cli import Stats, run_stream
 
     result = SessionResult(name, frames)
     timeout_s = timeout_s if timeout_s is not None else frames * FRAME_S + 60.0
+    # The client CLI's options with --realtime and --seed: warm start on (its --realtime default).
     options = {"warm_start": True, "seed": seed, **(options or {})}
-
-    async def run() -> None:
-        async with (
-            AvatarClient(target, token) as client,
-            client.session(media.portrait, options=options, output_format=pb.JPEG, on_error="ignore") as stream,
-        ):
-            result.started = True
-            result.session_id = stream.session_id
-            clock = time.monotonic()
-            result.send_start = clock
-
-            async def send() -> None:
-                for index in range(frames):
-                    # A live source has frame `index` once its 40 ms have passed: send it then.
-                    delay = clock + (index + 1) * FRAME_S - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    stamp = index * FRAME_US
-                    source = media_offset + index
-                    await stream.send_avatar_audio(media.avatar_chunk(source), timestamp_us=stamp)
-                    await stream.send_user_audio(media.user_chunk(source), timestamp_us=stamp)
-                    await stream.send_user_frame(media.camera_jpeg(source), timestamp_us=stamp)
-                await stream.end_input()
-
-            sender = asyncio.create_task(send())
-            try:
-                async for frame in stream.frames():
-                    now = time.monotonic()
-                    result.indices.append(frame.index)
-                    result.latency_ms.append(frame.timing.block_latency_ms)
-                    result.degradation.append(frame.timing.degradation)
-                    result.nfe.append(frame.timing.nfe_used)
-                    result.lag_ms.append((now - clock - (frame.index + 1) * FRAME_S) * 1000.0)
-                    result.arrivals.append(now)
-                    result.last_frame_at = now
-                await sender
-            finally:
-                if not sender.done():
-                    sender.cancel()
-                    with contextlib.suppress(BaseException):
-                        await sender
-
+    inputs = client_inputs(media, frames, media_offset)
+    stats = Stats()
     try:
-        await asyncio.wait_for(run(), timeout_s)
+        await asyncio.wait_for(
+            run_stream(target, token, inputs, realtime=True, options=options, on_error="ignore", stats=stats),
+            timeout_s,
+        )
     except TimeoutError:
         result.error = f"timed out after {timeout_s:.0f} s"
     except Exception as exc:  # reported, never raised: a load run must finish and report
         result.error = f"{type(exc).__name__}: {exc}"
+    result.started = bool(stats.session_id)
+    result.session_id = stats.session_id
+    result.send_start = stats.clock_start
+    result.indices = list(stats.indices)
+    result.latency_ms = list(stats.block_latency_ms)
+    result.degradation = list(stats.degradation)
+    result.nfe = list(stats.nfe)
+    result.lag_ms = list(stats.frame_delay_ms)
+    result.arrivals = list(stats.arrivals)
+    result.last_frame_at = stats.last_frame_at or 0.0
     return result

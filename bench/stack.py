@@ -103,13 +103,15 @@ def start_stack(
     latency_budget_s: float | None = None,
     redis_url: str | None = None,
     prefix: str | None = None,
-    num_cpus: int = 4,
+    num_cpus: int | None = None,
     env: dict[str, str] | None = None,
     app_args: dict[str, Any] | None = None,
     log: Log = log_progress,
 ) -> BenchStack:
     """`start_local` on free loopback ports with a private Redis prefix and a fresh secret; Redis is
-    the URL's, else a private redis-server. `latency_budget_s` None: the ingress's default."""
+    the URL's, else a private redis-server. `latency_budget_s` None: the ingress's default.
+    `num_cpus` None: the launcher's own default, so the benchmark's Ray is the one `serve` starts
+    (same CPUs, worker priority and warm-up before it is used)."""
     import ray
 
     if ray.is_initialized():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import sys
@@ -58,6 +59,12 @@ class Stats:
     block_latency_ms: list[float] = field(default_factory=list)
     frame_delay_ms: list[float] = field(default_factory=list)  # realtime: arrival - end of the frame's media
     degraded: dict[str, int] = field(default_factory=dict)
+    # Per frame, in arrival order: what serve-bench derives its per-block figures from.
+    indices: list[int] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # monotonic
+    degradation: list[str] = field(default_factory=list)
+    nfe: list[int] = field(default_factory=list)
+    clock_start: float = 0.0  # monotonic start of the media clock: frame i is sent at + 40 ms (i + 1)
     errors: list[ServerError] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)
     session_id: str = ""
@@ -84,7 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audio-guidance", type=float)
     parser.add_argument("--user-guidance", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--warm-start", action="store_true", help="generate the first window from idle input")
+    parser.add_argument(
+        "--warm-start",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="generate the first window from idle input, so the first frame needs one block of input, not the "
+        "2 s window (default: on with --realtime, off without)",
+    )
     parser.add_argument("--raw", action="store_true", help="receive RAW_RGB frames instead of JPEG")
     parser.add_argument(
         "--user-max-side", type=int, default=Limit.MAX_IMAGE_SIDE, help="downscale user frames to this side at most"
@@ -148,7 +161,9 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
 def session_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ("block", "nfe", "audio_guidance", "user_guidance", "seed")
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.warm_start:
+    # A live call (--realtime) must not wait for the 2 s first window before its first frame.
+    warm = args.warm_start if args.warm_start is not None else args.realtime
+    if warm:
         options["warm_start"] = True
     return options
 
@@ -159,7 +174,9 @@ def session_options(args: argparse.Namespace) -> dict[str, Any]:
 async def _send(stream: Any, inputs: Inputs, stats: Stats, realtime: bool, clock_start: float) -> None:
     for index in range(inputs.num_frames):
         if realtime:
-            delay = clock_start + index * FRAME_US / 1e6 - time.monotonic()
+            # A camera and a microphone have frame `index` once its 40 ms have passed: send it then
+            # (the avatar's audio, produced ahead of time, goes out a second ahead).
+            delay = clock_start + (index + 1) * FRAME_US / 1e6 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
         stamp = index * FRAME_US
@@ -180,17 +197,69 @@ def _record(stats: Stats, frame: Frame, realtime: bool, clock_start: float) -> N
     stats.last_frame_at = now
     stats.frames += 1
     stats.block_latency_ms.append(frame.timing.block_latency_ms)
+    stats.indices.append(frame.index)
+    stats.arrivals.append(now)
+    stats.degradation.append(frame.timing.degradation)
+    stats.nfe.append(frame.timing.nfe_used)
     if realtime:  # how long after the end of its media time the frame was here
         stats.frame_delay_ms.append((now - clock_start - (frame.index + 1) * FRAME_US / 1e6) * 1000.0)
     if frame.timing.degradation != "DEGRADATION_NONE":
         stats.degraded[frame.timing.degradation] = stats.degraded.get(frame.timing.degradation, 0) + 1
 
 
+async def run_stream(
+    target: str,
+    token: str | None,
+    inputs: Inputs,
+    *,
+    realtime: bool,
+    out: Path | None = None,
+    options: dict[str, Any] | None = None,
+    avatar_id: str | None = None,
+    output_format: int = pb.JPEG,
+    credentials: Any = None,
+    on_error: Any = "warn",
+    stats: Stats | None = None,
+) -> Stats:
+    """One session: send `inputs` (paced at real time with `realtime`), receive every frame, write
+    them to `out` when given; returns the statistics. The client CLI and serve-bench both run
+    sessions through this function, so their pacing and figures are the same by construction.
+    `stats` (optional) is filled in place, so a caller that times out still sees what arrived."""
+    from avatar_forcing.media.io import VideoWriter
+
+    stats = stats if stats is not None else Stats()
+    async with AvatarClient(target, token, credentials=credentials) as client:
+        session = client.session(
+            inputs.portrait, avatar_id=avatar_id, options=options or {}, output_format=output_format, on_error=on_error
+        )
+        async with session as stream:
+            stats.started_at = time.monotonic()
+            stats.session_id = stream.session_id
+            stats.size = (stream.started.width, stream.started.height)
+            clock_start = stats.clock_start = time.monotonic()
+            sender = asyncio.create_task(_send(stream, inputs, stats, realtime, clock_start))
+            try:
+                with contextlib.ExitStack() as files:
+                    writer = None
+                    if out is not None:
+                        out.parent.mkdir(parents=True, exist_ok=True)
+                        writer = files.enter_context(VideoWriter(out, fps=Limit.FPS, has_audio=True))
+                    async for frame in stream.frames():
+                        _record(stats, frame, realtime, clock_start)
+                        if writer is not None:
+                            await asyncio.to_thread(_write, writer, frame)
+                await sender
+            finally:
+                if not sender.done():
+                    sender.cancel()
+                    with contextlib.suppress(BaseException):
+                        await sender
+    return stats
+
+
 async def stream_session(args: argparse.Namespace, inputs: Inputs) -> Stats:
     """Run one session: send the inputs, write the frames to args.out; returns the statistics."""
     import grpc
-
-    from avatar_forcing.media.io import VideoWriter
 
     stats = Stats()
 
@@ -199,32 +268,19 @@ async def stream_session(args: argparse.Namespace, inputs: Inputs) -> Stats:
         print(f"server dropped a message: {error}", file=sys.stderr)
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
-    credentials = grpc.ssl_channel_credentials() if args.tls else None
-    async with AvatarClient(args.target, token, credentials=credentials) as client:
-        session = client.session(
-            inputs.portrait,
-            avatar_id=args.avatar_id,
-            options=session_options(args),
-            output_format=pb.RAW_RGB if args.raw else pb.JPEG,
-            on_error=on_error,
-        )
-        async with session as stream:
-            stats.started_at = time.monotonic()
-            stats.session_id = stream.session_id
-            stats.size = (stream.started.width, stream.started.height)
-            clock_start = time.monotonic()
-            sender = asyncio.create_task(_send(stream, inputs, stats, args.realtime, clock_start))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with VideoWriter(args.out, fps=Limit.FPS, has_audio=True) as writer:
-                    async for frame in stream.frames():
-                        _record(stats, frame, args.realtime, clock_start)
-                        await asyncio.to_thread(_write, writer, frame)
-                await sender
-            finally:
-                if not sender.done():
-                    sender.cancel()
-    return stats
+    return await run_stream(
+        args.target,
+        token,
+        inputs,
+        realtime=args.realtime,
+        out=args.out,
+        options=session_options(args),
+        avatar_id=args.avatar_id,
+        output_format=pb.RAW_RGB if args.raw else pb.JPEG,
+        credentials=grpc.ssl_channel_credentials() if args.tls else None,
+        on_error=on_error,
+        stats=stats,
+    )
 
 
 def _write(writer: Any, frame: Frame) -> None:
@@ -261,8 +317,9 @@ def report(args: argparse.Namespace, inputs: Inputs, stats: Stats) -> str:
         span = stats.last_frame_at - stats.first_frame_at
         if span > 0:
             lines.append(f"frame rate received: {(stats.frames - 1) / span:.1f} fps")
-    if stats.degraded:
-        lines.append("degraded frames: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.degraded.items())))
+    degraded = sum(stats.degraded.values())
+    detail = " (" + ", ".join(f"{k} {v}" for k, v in sorted(stats.degraded.items())) + ")" if degraded else ""
+    lines.append(f"degraded frames: {degraded} of {stats.frames}{detail}")
     if stats.errors:
         lines.append(f"messages dropped by the server: {len(stats.errors)}")
     return "\n".join(lines)

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve-config", type=Path, help="apply this Serve config file instead (its ports, unless given)"
     )
     parser.add_argument(
+        "--no-warm-up",
+        action="store_true",
+        help="say ready without running the warm-up sessions first (the first session then pays first-call costs)",
+    )
+    parser.add_argument(
         "--print-token", action="store_true", help=f"print a `{DEV_TENANT}` token with a set secret too"
     )
     return parser
