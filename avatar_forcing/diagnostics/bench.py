@@ -2,7 +2,8 @@
 
 Figures for each config: ms per block (KV-cached streaming), FLOPs of one block
 (counted by torch's FlopCounterMode on the real call), achieved GFLOP/s and its
-fraction of the fp32 (or bf16) matmul rate measured in the same run, the
+fraction of the fp32 (or bf16) matmul rate measured in the same run (the linear backend is
+printed: on CPU float32, prepacked weights; see `avatar_forcing.nn.prepacked`), the
 non-cached path (recompute the whole window every step), and the decoder's cost
 per frame with the real-time factor of generation + decoding. Random weights:
 timing does not depend on their values.
@@ -22,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from avatar_forcing.config import preset
 from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
+from avatar_forcing.nn import prepacked
 from avatar_forcing.nn.model import random_model
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockSampler, Conditions
 from avatar_forcing.sampling.euler import GUIDANCE_ROWS
@@ -100,7 +102,9 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, rate
 
     one_block()  # warm-up: allocator, kernels
     request_probe = _probe_request(stream, args.block)
-    with FlopCounterMode(display=False) as counter:
+    # Counted on the plain linear path: FlopCounterMode does not see the prepacked kernels, and
+    # the arithmetic is the same.
+    with prepacked.disabled(), FlopCounterMode(display=False) as counter:
         sampler.run([request_probe], args.block)
     flops = counter.get_total_flops()
     cached = timed(one_block, device, args.blocks)
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"threads {torch.get_num_threads()}, dtype {args.dtype}, nfe {args.nfe}, block {args.block}, "
-        f"guidance rows {GUIDANCE_ROWS}"
+        f"guidance rows {GUIDANCE_ROWS}, CPU float32 linears: {prepacked.backend() or 'plain'}"
     )
     print(f"matmul rate ({args.dtype}, 2048^3): {rate:.1f} GFLOP/s")
     with torch.inference_mode() if device.type == "cuda" else nullcontext():

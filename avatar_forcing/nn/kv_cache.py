@@ -7,6 +7,10 @@ frames just before the next block's condition chunk. Keys are stored already
 rotated (RoPE), together with the absolute frame index of every entry, so masks
 are evaluated on absolute indices and rows at different positions can share a
 forward pass.
+
+`BlockKV` is the working form for the calls of one block: per layer one buffer holding
+[cached entries ; the block's new entries], so attention reads the cache without a
+concatenation per call, and the next cache is cut out of it without one either.
 """
 
 from __future__ import annotations
@@ -140,3 +144,82 @@ def roll_cache(
         self_positions=window(None if previous is None else previous.self_positions, positions, self_len, 1),
         cross_positions=window(None if previous is None else previous.cross_positions, cond_positions, cross_len, 1),
     )
+
+
+@dataclass
+class BlockKV:
+    """Attention K/V shared by the forward calls of one block.
+
+    Self: per layer a (R, h, S + L, d) buffer; entries [:S] are the cache, entries [S:] are
+    overwritten by every call with its L new tokens (the last call's stay). Cross: per layer
+    the cached condition frames followed by the block's condition chunk, fixed for the block.
+    """
+
+    self_kv: list[LayerKV]  # per layer (R, h, S + L, d)
+    cross_kv: list[LayerKV]  # per layer (R, h, C + Lc, d)
+    self_positions: Tensor  # (R, S + L)
+    cross_positions: Tensor  # (R, C + Lc)
+    cache_len: int  # S
+
+    @classmethod
+    def allocate(
+        cls, cache: FlowCache | None, cond_kv: list[LayerKV], positions: Tensor, cond_positions: Tensor
+    ) -> BlockKV:
+        """Buffers for L = positions.shape[1] new tokens after `cache` (None: no cache, S = 0)."""
+        R, L = positions.shape
+        like = cond_kv[0].key  # (R, h, Lc, d)
+        S = 0 if cache is None else cache.self_positions.shape[1]
+
+        def self_buffer(cached: Tensor | None) -> Tensor:  # (R, h, S, d) -> (R, h, S + L, d)
+            buffer = like.new_empty(R, like.shape[1], S + L, like.shape[3])
+            if cached is not None:
+                buffer[:, :, :S].copy_(cached)
+            return buffer
+
+        def after(cached: Tensor | None, new: Tensor, dim: int) -> Tensor:
+            return new if cached is None else torch.cat([cached.to(new.device), new], dim=dim)
+
+        self_kv, cross_kv = [], []
+        for i, chunk in enumerate(cond_kv):
+            old_self = None if cache is None else cache.self_kv[i]
+            old_cross = None if cache is None else cache.cross_kv[i]
+            self_kv.append(
+                LayerKV(
+                    self_buffer(None if old_self is None else old_self.key),
+                    self_buffer(None if old_self is None else old_self.value),
+                )
+            )
+            cross_kv.append(
+                LayerKV(
+                    after(None if old_cross is None else old_cross.key, chunk.key, 2),
+                    after(None if old_cross is None else old_cross.value, chunk.value, 2),
+                )
+            )
+        return cls(
+            self_kv,
+            cross_kv,
+            after(None if cache is None else cache.self_positions, positions, 1),
+            after(None if cache is None else cache.cross_positions, cond_positions, 1),
+            S,
+        )
+
+    def __post_init__(self) -> None:
+        # Views of the new entries, per layer (R, h, L, d): every call writes there.
+        self._new = [LayerKV(kv.key[:, :, self.cache_len :], kv.value[:, :, self.cache_len :]) for kv in self.self_kv]
+
+    def write(self, layer: int, key: Tensor, value: Tensor) -> LayerKV:
+        """Store the new tokens' (R, h, L, d) K/V of one layer; returns the whole [cache ; new] K/V."""
+        new = self._new[layer]
+        new.key.copy_(key)
+        new.value.copy_(value)
+        return self.self_kv[layer]
+
+    def new_entries(self, layer: int) -> LayerKV:
+        """Views of the last call's new K/V of one layer (R, h, L, d); the next call overwrites them."""
+        return self._new[layer]
+
+    def roll(self, self_len: int, lookahead: int, cross_len: int) -> FlowCache:
+        """The cache for the next block, after a cache-writing call (see `roll_cache`)."""
+        return roll_cache(
+            None, self.self_kv, self.cross_kv, self.self_positions, self.cross_positions, self_len, lookahead, cross_len
+        )

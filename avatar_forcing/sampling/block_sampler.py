@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from avatar_forcing.nn.flow_transformer import FlowTransformer
-from avatar_forcing.nn.kv_cache import FlowCache, roll_cache
+from avatar_forcing.nn.flow_transformer import BlockPlan, FlowTransformer
+from avatar_forcing.nn.kv_cache import FlowCache
 from avatar_forcing.sampling.euler import GUIDANCE_ROWS, FlowMatchEuler, GuidanceScales
 
 
@@ -126,11 +126,12 @@ class BlockSampler:
         cache rolling when a late block is dropped. Costs one forward pass instead of NFE.
         """
         request = BlockRequest(conditions, reference_motion, tokens, start_frame, cache=cache)
-        batch = self._prepare([request])
+        batch = self._prepare([request], block, timesteps=[0.0])
         x = tokens[None].to(batch.device, batch.dtype)
         return self._write_cache(x, batch, block)[0]
 
-    def _prepare(self, requests: list[BlockRequest]) -> _Batch:
+    def _prepare(self, requests: list[BlockRequest], block: int | None, timesteps: list[float]) -> _Batch:
+        """What the calls of one group share; `timesteps` are the raw values the calls will use."""
         model = self.model
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
@@ -143,38 +144,25 @@ class BlockSampler:
             [torch.arange(r.start_frame, r.start_frame + L, device=device) for r in requests]
         ).repeat_interleave(GUIDANCE_ROWS, dim=0)  # (R, L)
         reference = torch.stack([r.reference_motion for r in requests]).to(device, dtype)
-        cache = None if requests[0].cache is None else FlowCache.concat([r.cache for r in requests]).to(device)
-        return _Batch(
-            device,
-            dtype,
-            len(requests),
-            L,
-            cond_kv,
-            positions,
-            reference.repeat_interleave(GUIDANCE_ROWS, dim=0),
-            cache,
-        )
+        caches = [r.cache for r in requests]
+        cache = None if caches[0] is None else caches[0] if len(caches) == 1 else FlowCache.concat(caches)
+        # Masks, RoPE, the [cache ; new] K/V buffers and the time modulation of every timestep
+        # (context tokens sit at t = 0): built here once instead of in each of the block's calls.
+        plan = model.plan(positions, cond_kv, positions, cache, block, torch.tensor([*timesteps, 0.0]))
+        return _Batch(device, dtype, len(requests), L, plan, reference.repeat_interleave(GUIDANCE_ROWS, dim=0))
 
     def _write_cache(self, x: Tensor, batch: _Batch, block: int | None) -> list[FlowCache]:
         """One call at t = 0 on the final tokens x (n, L, 512); its K/V roll into the cache."""
         cfg = self.model.config
         R = GUIDANCE_ROWS * batch.n
-        out = self.model(
+        self.model(
             x.repeat_interleave(GUIDANCE_ROWS, dim=0),
             torch.zeros(R, batch.L, device=batch.device),
             batch.reference,
-            batch.positions,
-            batch.cond_kv,
-            batch.positions,
-            batch.cache,
-            block,
+            plan=batch.plan,
+            kv_only=True,  # the cache needs the K/V of every layer, not the velocity
         )
-        new_cache = roll_cache(
-            batch.cache,
-            out.self_kv,
-            batch.cond_kv,
-            batch.positions,
-            batch.positions,
+        new_cache = batch.plan.kv.roll(
             self_len=cfg.window - (block or cfg.block) - cfg.lookahead,
             lookahead=cfg.lookahead,
             cross_len=cfg.cross_window,
@@ -182,7 +170,8 @@ class BlockSampler:
         return new_cache.split([GUIDANCE_ROWS] * batch.n)
 
     def _run_group(self, requests: list[BlockRequest], block: int | None) -> list[BlockResult]:
-        batch = self._prepare(requests)
+        timesteps = self.sampler.timestep_list(requests[0].nfe)
+        batch = self._prepare(requests, block, timesteps)
         n, L, device = batch.n, batch.L, batch.device
         R = GUIDANCE_ROWS * n
         x = torch.stack([r.noise if r.context is None else torch.cat([r.context, r.noise]) for r in requests]).to(
@@ -192,22 +181,12 @@ class BlockSampler:
         is_new = torch.arange(L, device=device) >= num_context  # (L,)
         scales = [r.guidance for r in requests]
 
-        timesteps = self.sampler.timestep_list(requests[0].nfe)
         steps = list(itertools.pairwise(timesteps))
         if not self.skip_final_noop:
             steps.append((timesteps[-1], timesteps[-1]))  # t = 0 -> 0: the identity update
         for t_now, t_next in steps:
             t_tokens = torch.where(is_new, t_now, 0.0).expand(R, L).to(device)
-            out = self.model(
-                x.repeat_interleave(GUIDANCE_ROWS, dim=0),
-                t_tokens,
-                batch.reference,
-                batch.positions,
-                batch.cond_kv,
-                batch.positions,
-                batch.cache,
-                block,
-            )
+            out = self.model(x.repeat_interleave(GUIDANCE_ROWS, dim=0), t_tokens, batch.reference, plan=batch.plan)
             velocity = out.velocity.view(n, GUIDANCE_ROWS, L, -1)
             guided = torch.stack([s.combine(velocity[i]) for i, s in enumerate(scales)])  # (n, L, 512)
             sigma_now = torch.where(is_new, self.sampler.sigma(t_now), 0.0)[None, :, None]
@@ -229,7 +208,5 @@ class _Batch:
     dtype: torch.dtype
     n: int
     L: int
-    cond_kv: list
-    positions: Tensor  # (R, L)
+    plan: BlockPlan  # masks, RoPE, attention K/V buffers, time modulation
     reference: Tensor  # (R, 512)
-    cache: FlowCache | None
