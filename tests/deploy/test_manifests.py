@@ -825,3 +825,12 @@ def test_helm_chart_renders_when_helm_python_is_installed(values):
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == load(SERVE_CONFIG)
     kinds = {d["kind"] for d in docs}
     assert {"ConfigMap", "Deployment", "Service", "StatefulSet", "NetworkPolicy"} <= kinds
+
+
+def test_ray_workers_run_at_normal_priority_everywhere(compose):
+    """Ray starts workers at nice 15 unless told otherwise; every deployment tells it (the launcher does too)."""
+    assert compose["services"]["ray-head"]["environment"]["RAY_worker_niceness"] == "0"
+    k8s = next(d for d in load_all(ROOT / "deploy/k8s/configmap.yaml") if d["kind"] == "ConfigMap")
+    assert k8s["data"]["RAY_worker_niceness"] == "0"
+    chart = (ROOT / "helm/avatar-forcing/templates/configmap.yaml").read_text()
+    assert 'RAY_worker_niceness: "0"' in chart
