@@ -27,7 +27,7 @@ def log_progress(message: str) -> None:
 def default_latency_budget_s() -> float:
     """The ingress's own default latency budget (IngressSettings.latency_budget_s)."""
     # Imported on use: the ingress pulls in torch and transformers, which `--help` does not need.
-    from services.ingress.pipeline import IngressSettings
+    from services.ingress.config import IngressSettings
 
     return IngressSettings.__dataclass_fields__["latency_budget_s"].default
 

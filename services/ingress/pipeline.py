@@ -49,7 +49,7 @@ from services.wire.protos import Limit, pb
 from services.wire.tensors import decode as decode_tensor
 from services.wire.tensors import encode
 
-__all__ = ["DECODE_CHUNK", "IngressSettings", "SessionPipeline", "Stages"]
+__all__ = ["DECODE_CHUNK", "SessionPipeline"]
 
 log = logging.getLogger(__name__)
 DECODE_CHUNK = 10  # frames per Decode call: 10 RAW_RGB 512x512 frames fit one 8 MiB message

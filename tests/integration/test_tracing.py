@@ -17,7 +17,8 @@ from avatar_forcing.config import tiny
 from avatar_forcing.nn.model import random_model
 from services.common import telemetry
 from services.generator.servicer import session_bytes
-from services.ingress.pipeline import IngressSettings, SessionPipeline
+from services.ingress.config import IngressSettings
+from services.ingress.pipeline import SessionPipeline
 from services.store import SessionStore
 from services.wire.protos import pb
 from tests.integration.conftest import FRAMES
