@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -18,13 +17,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from services.local.ports import free_port
+
 TEST_REDIS_URL = os.environ.get("AF_TEST_REDIS_URL", "redis://127.0.0.1:6379/12")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis(port: int, data_dir: Path) -> subprocess.Popen:

@@ -53,7 +53,8 @@ from services.local.defaults import (
     REPO_ROOT,
 )
 from services.local.errors import LauncherError, Log, print_progress
-from services.local.redis_process import DEFAULT_REDIS_URL, ensure_redis, free_port
+from services.local.ports import free_port
+from services.local.redis_process import DEFAULT_REDIS_URL, ensure_redis
 from services.local.serve_deploy import deploy_config, load_serve_config, servicer_functions, wait_ready
 from services.local.service import LocalService, set_env, shutdown
 from services.local.warmup import WARMUP_TENANT, warm_up

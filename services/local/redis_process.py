@@ -1,13 +1,12 @@
 """The Redis the launcher runs against: checking that a URL answers, and starting a private
-`redis-server` (no persistence, loopback only) when the default local URL does not. Also the
-loopback port helpers, and `redact_url` so no message ever shows a Redis password."""
+`redis-server` (no persistence, loopback only) when the default local URL does not. Also
+`redact_url`, so no message ever shows a Redis password."""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from services.common.config import Settings
 from services.local.errors import LauncherError, Log, print_progress
+from services.local.ports import free_port, port_is_free
 
 DEFAULT_REDIS_URL = Settings.__dataclass_fields__["redis_url"].default  # redis://127.0.0.1:6379/0
 DEFAULT_REDIS_PORT = 6379
@@ -72,23 +72,6 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
         return False
     finally:
         client.close()
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether `port` can be bound on `host` right now."""
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free on `host` (another process may still take it before it is used)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import redis
 import torch
 
 from services.common.config import Settings
+from services.local.ports import free_port
 from services.wire.errors import NotFoundError, ValidationError
 from services.wire.protos import Limit, grpc_options, pb, pb_grpc, servicer_function
 from services.wire.tensors import decode, encode
@@ -41,12 +41,6 @@ TEST_REDIS_URL = os.environ.get("AF_TEST_REDIS_URL", "redis://127.0.0.1:6379/12"
 PORTRAIT = Path(__file__).resolve().parents[2] / "samples" / "portrait.png"
 APPS = ("audio_features", "motion_encoder", "decoder")
 IDS = {"session_id": "sess-1", "tenant_id": "tenant-a"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

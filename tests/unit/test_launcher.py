@@ -15,7 +15,7 @@ import redis
 import yaml
 
 from services.common import auth
-from services.local import launcher, redis_process, serve_deploy
+from services.local import launcher, ports, redis_process, serve_deploy
 from services.local.errors import LauncherError
 from services.local.redis_process import ensure_redis, is_default_local_url, redact_url, redis_answers
 
@@ -24,7 +24,7 @@ needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, re
 
 
 def unused_port() -> int:
-    return redis_process.free_port()
+    return ports.free_port()
 
 
 def test_default_local_urls():
