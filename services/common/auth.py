@@ -6,8 +6,10 @@
     tenant_id = tenant_from_grpc_metadata(context.invocation_metadata(), start.auth_token, secret=secret)
 
 Claims: `tenant` (the tenant id, [A-Za-z0-9_-]{1,64}), `exp` (expiry, seconds since the epoch;
-required), `iat`, and an optional `scope` (space-separated, e.g. "session avatar:write"; a token
-without `scope` is not restricted). The token decides the tenant; a request never names it.
+required), `iat`, an optional `scope` (space-separated, e.g. "session avatar:write"; a token
+without `scope` is not restricted) and an optional `sid`: a session token, which the gateway
+hands out for one session, names the only session it may stream. The token decides the tenant;
+a request never names it.
 
 A bad token raises `AuthError` (an `UnauthenticatedError`, so handlers answer UNAUTHENTICATED)
 whose `reason` is one of `REASONS` and whose message says what is wrong - never the token
@@ -81,6 +83,7 @@ class TokenClaims:
     tenant_id: str
     expires_at: float  # seconds since the epoch
     scopes: frozenset[str] | None  # None: the token has no `scope` claim (not restricted)
+    session_id: str | None = None  # `sid`: the one session a session token may stream (None: any)
 
     def allows(self, scope: str) -> bool:
         return self.scopes is None or scope in self.scopes
@@ -153,9 +156,11 @@ def mint_token(
     ttl_s: float = DEFAULT_TTL_S,
     *,
     scope: str | Iterable[str] | None = None,
+    session_id: str | None = None,
     now: float | None = None,
 ) -> str:
-    """A signed token for `tenant_id`, valid for `ttl_s` seconds (at most MAX_TTL_S)."""
+    """A signed token for `tenant_id`, valid for `ttl_s` seconds (at most MAX_TTL_S); with
+    `session_id`, a session token that may stream only that session."""
     if not isinstance(tenant_id, str) or not _TENANT_RE.match(tenant_id):
         raise ValueError(f"tenant_id: got {tenant_id!r}; expected [A-Za-z0-9_-]{{1,64}}")
     if not 0 < ttl_s <= MAX_TTL_S:
@@ -166,6 +171,10 @@ def mint_token(
     scope_text = _check_scopes(scope)
     if scope_text is not None:
         claims["scope"] = scope_text
+    if session_id is not None:
+        if not isinstance(session_id, str) or not _TENANT_RE.match(session_id):
+            raise ValueError(f"session_id: got {session_id!r}; expected [A-Za-z0-9_-]{{1,64}}")
+        claims["sid"] = session_id
     return jwt.encode(claims, key, algorithm=ALGORITHM)
 
 
@@ -209,7 +218,10 @@ def _claims(payload: Any) -> TokenClaims:
     if scope is not None and (not isinstance(scope, str) or not scope.split()):
         raise AuthError("malformed", "the token's `scope` claim is not a space-separated string")
     scopes = frozenset(scope.split()) if scope is not None else None
-    return TokenClaims(tenant_id=tenant, expires_at=float(payload["exp"]), scopes=scopes)
+    session_id = payload.get("sid")
+    if session_id is not None and (not isinstance(session_id, str) or not _TENANT_RE.match(session_id)):
+        raise AuthError("malformed", "the token's `sid` claim is not an id of [A-Za-z0-9_-]{1,64}")
+    return TokenClaims(tenant_id=tenant, expires_at=float(payload["exp"]), scopes=scopes, session_id=session_id)
 
 
 def _decode(token: str, key: bytes, now: float) -> Any:

@@ -16,6 +16,20 @@ Keys (P = `Settings.redis_prefix`, default "af"; every id matches [A-Za-z0-9_-]{
     P:tenant:{tid}:avatar:{aid} string  the avatar's portrait: the JPEG/PNG bytes as uploaded
                                         (MotionEncoder.EncodePortrait); decoders and generators
                                         rebuild the avatar's encoding from it. Durable, no TTL
+    P:tenants                   set     the ids of the tenants the gateway created
+    P:tenant:{tid}              hash    the tenant record: tenant_id, name, created_ms, and the quotas
+                                        (`services.store.quotas.TenantQuotas` fields); absent for a
+                                        tenant known only from a token (default quotas apply)
+    P:tenant:{tid}:keys         set     the tenant's API key ids
+    P:tenant:{tid}:avatars      hash    avatar_id -> JSON metadata of the portrait (created_ms, bytes,
+                                        format, width, height, sha256)
+    P:tenant:{tid}:usage:{per}  hash    usage in one period (per = YYYYMM, UTC): session_seconds
+    P:apikey:{kid}              hash    an API key: key_id, tenant_id, name, sha256 (of the secret;
+                                        the secret itself is never stored), created_ms,
+                                        last_used_ms, revoked_ms ("" while valid)
+    P:rate:{kid}:{window}       string  requests of one key in one rate window (INCR + EXPIRE)
+    P:avatar-invalidated        channel pub/sub: JSON {tenant_id, avatar_id} when an avatar is
+                                        deleted or replaced; caches of its encoding drop it
     P:replica:{rid}:alive       string  TTL of the replica TTL: the replica is alive while it exists
     P:replica:{rid}:sessions    set     the session ids the replica owns
     P:replicas                  set     replica ids seen (dropped when dead and owning nothing)
@@ -50,6 +64,13 @@ class KeyKind(enum.StrEnum):
     DEADLINES = "deadlines"
     TENANT_SESSIONS = "tenant sessions"
     AVATAR = "avatar"
+    TENANTS = "tenants"
+    TENANT = "tenant"
+    TENANT_KEYS = "tenant keys"
+    TENANT_AVATARS = "tenant avatars"
+    USAGE = "usage"
+    API_KEY = "api key"
+    RATE = "rate"
     REPLICA_ALIVE = "replica alive"
     REPLICA_SESSIONS = "replica sessions"
     REPLICAS = "replicas"
@@ -64,6 +85,7 @@ class ParsedKey:
     tenant_id: str = ""
     avatar_id: str = ""
     replica_id: str = ""
+    key_id: str = ""
 
 
 # The parts of a session below its record key: P:session:{sid}:{part}.
@@ -99,6 +121,32 @@ class KeySchema:
         return f"{self.prefix}:session-deadlines"
 
     # -- tenants -----------------------------------------------------------------------------
+
+    @property
+    def tenants(self) -> str:
+        return f"{self.prefix}:tenants"
+
+    def tenant(self, tenant_id: str) -> str:
+        return f"{self.prefix}:tenant:{tenant_id}"
+
+    def tenant_keys(self, tenant_id: str) -> str:
+        return f"{self.tenant(tenant_id)}:keys"
+
+    def tenant_avatars(self, tenant_id: str) -> str:
+        return f"{self.tenant(tenant_id)}:avatars"
+
+    def usage(self, tenant_id: str, period: str) -> str:
+        return f"{self.tenant(tenant_id)}:usage:{period}"
+
+    def api_key(self, key_id: str) -> str:
+        return f"{self.prefix}:apikey:{key_id}"
+
+    def rate(self, key_id: str, window: int) -> str:
+        return f"{self.prefix}:rate:{key_id}:{window}"
+
+    @property
+    def avatar_invalidated_channel(self) -> str:
+        return f"{self.prefix}:avatar-invalidated"
 
     def tenant_sessions(self, tenant_id: str) -> str:
         return f"{self.prefix}:tenant:{tenant_id}:sessions"
@@ -144,14 +192,25 @@ class KeySchema:
             return ParsedKey(KeyKind.DEADLINES)
         if rest == "replicas":
             return ParsedKey(KeyKind.REPLICAS)
+        if rest == "tenants":
+            return ParsedKey(KeyKind.TENANTS)
         if match := re.fullmatch(rf"session:({_ID})(?::([^:]+))?", rest):
             sid, part = match.groups()
             if part is None:
                 return ParsedKey(KeyKind.SESSION, session_id=sid)
             kind = _SESSION_PARTS.get(part)
             return None if kind is None else ParsedKey(kind, session_id=sid)
-        if match := re.fullmatch(rf"tenant:({_ID}):sessions", rest):
-            return ParsedKey(KeyKind.TENANT_SESSIONS, tenant_id=match[1])
+        if match := re.fullmatch(rf"tenant:({_ID})", rest):
+            return ParsedKey(KeyKind.TENANT, tenant_id=match[1])
+        if match := re.fullmatch(rf"tenant:({_ID}):(sessions|keys|avatars)", rest):
+            kind = {"sessions": KeyKind.TENANT_SESSIONS, "keys": KeyKind.TENANT_KEYS, "avatars": KeyKind.TENANT_AVATARS}
+            return ParsedKey(kind[match[2]], tenant_id=match[1])
+        if match := re.fullmatch(rf"tenant:({_ID}):usage:(\d{{6}})", rest):
+            return ParsedKey(KeyKind.USAGE, tenant_id=match[1])
+        if match := re.fullmatch(rf"apikey:({_ID})", rest):
+            return ParsedKey(KeyKind.API_KEY, key_id=match[1])
+        if match := re.fullmatch(rf"rate:({_ID}):(\d+)", rest):
+            return ParsedKey(KeyKind.RATE, key_id=match[1])
         if match := re.fullmatch(rf"tenant:({_ID}):avatar:({_ID})", rest):
             return ParsedKey(KeyKind.AVATAR, tenant_id=match[1], avatar_id=match[2])
         if match := re.fullmatch(rf"replica:({_ID}):(alive|sessions)", rest):

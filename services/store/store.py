@@ -16,6 +16,7 @@ from services.store.client import StoreClient
 from services.store.history import HistoryOps
 from services.store.keys import KeySchema
 from services.store.ownership import OwnershipOps
+from services.store.quotas import QuotaOps
 from services.store.reaper import ReaperOps
 from services.store.replicas import ReplicaOps
 from services.store.sessions import SessionOps
@@ -23,7 +24,7 @@ from services.store.validation import MAX_ENTRY_BYTES, MAX_STATE_BYTES
 from services.wire.errors import ValidationError
 
 
-class SessionStore(SessionOps, OwnershipOps, HistoryOps, AvatarOps, ReplicaOps, ReaperOps):
+class SessionStore(SessionOps, OwnershipOps, HistoryOps, AvatarOps, QuotaOps, ReplicaOps, ReaperOps):
     """Async access to the session state in Redis (schema: services.store.keys)."""
 
     def __init__(

@@ -10,6 +10,7 @@ deployments, whose context has no `abort`); clients map a failed call back with 
     NotFoundError            NOT_FOUND            unknown session (SessionNotFoundError), avatar, ...
     PermissionDeniedError    PERMISSION_DENIED    another tenant's resource (TenantMismatchError)
     CapacityExceededError    RESOURCE_EXHAUSTED   replica or tenant limit reached, rate or buffer limit
+                                                  (QuotaExceededError: a tenant quota or key rate, by name)
     UnavailableError         UNAVAILABLE          a backend is down (StoreUnavailable: Redis); retry later
     ConflictError            ABORTED              lost a race (OwnershipConflictError, OwnershipLostError)
     FailedPreconditionError  FAILED_PRECONDITION  the state does not allow it (FrameConflictError, ...)
@@ -94,6 +95,16 @@ class TenantMismatchError(PermissionDeniedError):
 
 class CapacityExceededError(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class QuotaExceededError(CapacityExceededError):
+    """A tenant's quota or a key's rate limit is reached. `limit` names it (e.g. "max_concurrent_sessions");
+    `retry_after_s` says when trying again can succeed (None: not until usage drops)."""
+
+    def __init__(self, limit: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(f"quota {limit}: {message}")
+        self.limit = limit
+        self.retry_after_s = retry_after_s
 
 
 class UnavailableError(ServiceError):
