@@ -71,6 +71,7 @@ def concurrency_table(steps: list[ConcurrencyStep], budget_s: float) -> str:
         rows.append(
             [
                 step.sessions,
+                fmt(max(r.first_frame_ms for r in step.results), 0),
                 f"{min(rates):.1f} / {statistics.mean(rates):.1f}" if rates else "n/a",
                 fmt(p50, 0),
                 fmt(p95, 0),
@@ -83,6 +84,7 @@ def concurrency_table(steps: list[ConcurrencyStep], budget_s: float) -> str:
     return table(
         [
             "sessions N",
+            "first frame ms (slowest session)",
             "frames/s per session (min / mean)",
             "block p50 ms (FrameTiming)",
             "block p95 ms (FrameTiming)",

@@ -29,6 +29,7 @@ class SessionResult:
     arrivals: list[float] = field(default_factory=list)  # monotonic time each frame was received
     send_start: float = 0.0  # monotonic start of the media clock (frame i is sent at + 40 ms (i + 1))
     last_frame_at: float = 0.0
+    first_frame_ms: float = float("nan")  # first frame received minus the first media sent
     error: str = ""
 
     @property
@@ -126,4 +127,6 @@ async def paced_session(
     result.lag_ms = list(stats.frame_delay_ms)
     result.arrivals = list(stats.arrivals)
     result.last_frame_at = stats.last_frame_at or 0.0
+    if stats.first_frame_at is not None:
+        result.first_frame_ms = (stats.first_frame_at - (stats.first_input_at or stats.started_at)) * 1000.0
     return result

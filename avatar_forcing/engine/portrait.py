@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from avatar_forcing.media.face_crop import FaceCropper
-from avatar_forcing.media.io import from_uint8, to_uint8
+from avatar_forcing.media.io import to_uint8
 from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
 
 
@@ -38,7 +38,17 @@ def _images_to_tensor(mae: MotionAutoEncoder, crops: np.ndarray, name: str) -> T
     if crops.shape[1:3] != (size, size):
         raise ValueError(f"{name}: crops are {crops.shape[1]}x{crops.shape[2]}; expected {size}x{size}")
     param = next(mae.parameters())
-    return torch.stack([from_uint8(c) for c in crops]).to(param.device, param.dtype)
+    # (n, S, S, 3) uint8 -> (n, 3, S, S) in [-1, 1] in one step, as `from_uint8` maps one image;
+    # contiguous NCHW: the layout the auto-encoder's numerics are pinned in (a channels-last input
+    # rounds differently, which grid_sample amplifies)
+    pixels = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).contiguous()
+    return (pixels.to(param.device).float() / 127.5 - 1.0).to(param.dtype)
+
+
+def _chunks(n: int, max_batch: int) -> list[slice]:
+    """0..n in the fewest chunks of at most `max_batch`, of equal size (+-1): 10 -> one of 10, not 8 + 2."""
+    count = -(-n // max_batch)
+    return [slice(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
 @torch.no_grad()
@@ -62,23 +72,25 @@ def encode_portrait_photo(
 
 @torch.no_grad()
 def encode_user_motion(mae: MotionAutoEncoder, crops: np.ndarray, batch_size: int = 16) -> Tensor:
-    """User face crops (n, S, S, 3) -> user motion latents (n, 512)."""
-    out = [
-        mae.encode_motion(_images_to_tensor(mae, crops[i : i + batch_size], "user_frames")).float().cpu()
-        for i in range(0, len(crops), batch_size)
-    ]
-    return torch.cat(out) if out else torch.zeros(0, mae.config.style_dim)
+    """User face crops (n, S, S, 3) -> user motion latents (n, 512), at most `batch_size` crops a pass."""
+    if len(crops) == 0:
+        return torch.zeros(0, mae.config.style_dim)
+    images = _images_to_tensor(mae, crops, "user_frames")  # checked and converted once, all crops
+    return torch.cat([mae.encode_motion(images[chunk]).float().cpu() for chunk in _chunks(len(crops), batch_size)])
 
 
 @torch.no_grad()
 def decode_frames(
-    mae: MotionAutoEncoder, portrait: PortraitEncoding, latents: Tensor, batch_size: int = 8
+    mae: MotionAutoEncoder, portrait: PortraitEncoding, latents: Tensor, batch_size: int = 16
 ) -> np.ndarray:
-    """Motion latents (n, 512) -> uint8 frames (n, S, S, 3): image_i = dec(s_r + r_i)."""
+    """Motion latents (n, 512) -> uint8 frames (n, S, S, 3): image_i = dec(s_r + r_i).
+
+    At most `batch_size` frames a pass (a 10-frame block is one pass); the portrait's batch-1
+    feature maps are shared by every frame of a pass.
+    """
+    if latents.shape[0] == 0:
+        return np.zeros((0, 0, 0, 3), np.uint8)
     param = next(mae.parameters())
-    frames = []
-    for i in range(0, latents.shape[0], batch_size):
-        chunk = latents[i : i + batch_size].to(param.device, param.dtype)
-        # Batch-1 feature maps are shared by every frame of the chunk.
-        frames.append(to_uint8(mae.decode(portrait.identity + chunk, portrait.feature_maps).float().cpu()))
-    return np.concatenate(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+    latents = portrait.identity + latents.to(param.device, param.dtype)  # w = s_r + r_d: (n, 512)
+    chunks = _chunks(len(latents), batch_size)
+    return np.concatenate([to_uint8(mae.decode(latents[chunk], portrait.feature_maps)) for chunk in chunks])

@@ -13,6 +13,9 @@ Parameter names follow the released checkpoint (`motion_autoencoder.*`), includi
 the release builds but never runs (`dec.to_rgb1`, the noise injections), so that it loads.
 "Equalised" layers store N(0, 1) weights and multiply by 1/sqrt(fan_in) at run time.
 
+Element-wise steps write in place into tensors the same function just made (never into an
+argument): one allocation less per step, the same values.
+
 One file on purpose (~560 lines): like a nanoGPT `model.py`, the whole network reads top to
 bottom in the order data flows (layers, encoder, decoder, the auto-encoder), and its parameter
 names must mirror the release's module tree, which is easiest to check in one place.
@@ -117,7 +120,7 @@ class FusedLeakyReLU(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.leaky_relu(x + self.bias, 0.2) * math.sqrt(2)
+        return F.leaky_relu(x + self.bias, 0.2).mul_(math.sqrt(2))
 
 
 class EqualConv2d(nn.Module):
@@ -182,7 +185,7 @@ class ResBlock(nn.Module):
         self.skip = conv_layer(in_ch, out_ch, 1, taps, downsample=True, activate=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
+        return (self.conv2(self.conv1(x)) + self.skip(x)).div_(math.sqrt(2))
 
 
 class AppearanceEncoder(nn.Module):
@@ -320,7 +323,7 @@ class ModulatedConv2d(nn.Module):
         if self.demodulate:
             # 1 / ||w_o * style||: (B, in) @ (in, out) -> (B, out)
             demod = torch.rsqrt(style.square() @ weight.square().sum((2, 3)).T + 1e-8)
-            x = x * demod[:, :, None, None]
+            x = x.mul_(demod[:, :, None, None])  # x: this call's conv output
         if self.upsample:
             x = self.blur(x)
         return x
@@ -392,7 +395,7 @@ class ToFlow(nn.Module):
         if feature.shape[0] != B:  # one portrait, many frames: share its feature map
             feature = feature.expand(B, -1, -1, -1)
         warped = F.grid_sample(feature, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        warped = warped * mask  # (B, C, H, W)
+        warped = warped.mul_(mask)  # (B, C, H, W)
         return warped + x * (1 - mask), warped, out, grid
 
 

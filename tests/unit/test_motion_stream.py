@@ -96,7 +96,10 @@ def test_outputs_are_causal(parity_flow):
     assert not torch.allclose(a[70:], b[70:])
 
 
-def test_state_restored_mid_session_in_a_new_process_continues_identically(parity_flow, tmp_path):
+def test_state_restored_mid_session_in_a_new_process_continues_identically(parity_flow, tmp_path, single_thread):
+    # Bitwise equality across processes needs the same reduction order in both: one thread each
+    # (with several, the BLAS libraries may use fewer threads on a loaded machine and split sums
+    # differently).
     sampler = BlockSampler(parity_flow)
     ref = reference()
     inputs = tracks(95)
@@ -110,6 +113,7 @@ def test_state_restored_mid_session_in_a_new_process_continues_identically(parit
     script = textwrap.dedent(
         f"""
         import torch
+        torch.set_num_threads(1)
         from avatar_forcing.sampling.block_sampler import BlockSampler
         from avatar_forcing.config import tiny
         from avatar_forcing.nn.flow_transformer import FlowTransformer
