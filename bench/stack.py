@@ -13,10 +13,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from services.local.launcher import LocalService, start_local
 from services.store.inspection import delete_namespace
+from services.store.keys import KeySchema
+from services.store.quotas import TenantQuotas
 
 Log = Callable[[str], None]
+# A benchmark measures capacity: the tenant quotas (services.store.quotas) must not be what stops it.
+BENCH_QUOTAS = TenantQuotas(max_concurrent_sessions=10_000, max_session_minutes=1e8)
 
 
 def log_progress(message: str) -> None:
@@ -42,6 +48,7 @@ class BenchStack:
     degrade: bool
     latency_budget_s: float
     generator_replicas: int
+    _tenants: set[str] = field(default_factory=set, repr=False)  # tenants given BENCH_QUOTAS
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -53,7 +60,19 @@ class BenchStack:
         return self.service.redis_url
 
     def token(self, tenant: str = "bench", ttl_s: float = 3600.0) -> str:
+        """A token for `tenant`, whose quotas are first raised so that only capacity limits the run."""
+        self._unlimited(tenant)
         return self.service.mint_token(tenant, ttl_s)
+
+    def _unlimited(self, tenant: str) -> None:
+        if tenant in self._tenants:
+            return
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            client.hset(KeySchema(self.prefix).tenant(tenant), mapping=BENCH_QUOTAS.to_fields())
+        finally:
+            client.close()
+        self._tenants.add(tenant)
 
     def metadata(self, tenant: str = "bench") -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token(tenant)}"),)

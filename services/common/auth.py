@@ -4,12 +4,15 @@
     token = mint_token("acme", secret, ttl_s=3600)          # the gateway hands this to a client
     tenant_id = verify_token(token, secret)                 # "acme", or AuthError (UNAUTHENTICATED)
     tenant_id = tenant_from_grpc_metadata(context.invocation_metadata(), start.auth_token, secret=secret)
+    claims = claims_from_grpc_metadata(context.invocation_metadata(), start.auth_token)  # + .session_id
 
 Claims: `tenant` (the tenant id, [A-Za-z0-9_-]{1,64}), `exp` (expiry, seconds since the epoch;
 required), `iat`, an optional `scope` (space-separated, e.g. "session avatar:write"; a token
 without `scope` is not restricted) and an optional `sid`: a session token, which the gateway
-hands out for one session, names the only session it may stream. The token decides the tenant;
-a request never names it.
+hands out for one session, names the only session it may stream (the ingress enforces it:
+Start.session_id must be that session, and the model RPCs may only name it). The token decides
+the tenant; a request that names another tenant, or another tenant's session or avatar, is
+answered NOT_FOUND exactly as for an unknown id.
 
 A bad token raises `AuthError` (an `UnauthenticatedError`, so handlers answer UNAUTHENTICATED)
 whose `reason` is one of `REASONS` and whose message says what is wrong - never the token
@@ -307,6 +310,31 @@ def bearer_token(metadata: Any) -> str | None:
     return token
 
 
+def claims_from_grpc_metadata(
+    metadata: Any,
+    fallback_token: str | bytes | None = None,
+    *,
+    secret: str | bytes | None = None,
+    scope: str | None = None,
+    now: float | None = None,
+) -> TokenClaims:
+    """The claims of a call's token: the `authorization: Bearer` metadata, else `fallback_token`
+    (session.proto Start.auth_token, for clients that cannot set metadata).
+
+    The metadata wins when both are present. `secret` defaults to AVATAR_FORCING_AUTH_SECRET.
+    AuthError without a valid token; ScopeError when `scope` is given and not allowed.
+    """
+    token = bearer_token(metadata)
+    if token is None and fallback_token:
+        token = fallback_token
+    if not token:
+        raise AuthError("missing", "no token; expected call metadata `authorization: Bearer <token>`")
+    claims = verify_claims(token, auth_secret() if secret is None else secret, now=now)
+    if scope is not None and not claims.allows(scope):
+        raise ScopeError(f"authorization: the token's scope does not include {scope!r}")
+    return claims
+
+
 def tenant_from_grpc_metadata(
     metadata: Any,
     fallback_token: str | bytes | None = None,
@@ -315,17 +343,8 @@ def tenant_from_grpc_metadata(
     scope: str | None = None,
     now: float | None = None,
 ) -> str:
-    """The tenant of a call: the `authorization: Bearer` metadata, else `fallback_token`
-    (session.proto Start.auth_token, for clients that cannot set metadata).
-
-    The metadata wins when both are present. `secret` defaults to AVATAR_FORCING_AUTH_SECRET.
-    """
-    token = bearer_token(metadata)
-    if token is None and fallback_token:
-        token = fallback_token
-    if not token:
-        raise AuthError("missing", "no token; expected call metadata `authorization: Bearer <token>`")
-    return verify_token(token, auth_secret() if secret is None else secret, scope=scope, now=now)
+    """The tenant of a call (`claims_from_grpc_metadata(...).tenant_id`)."""
+    return claims_from_grpc_metadata(metadata, fallback_token, secret=secret, scope=scope, now=now).tenant_id
 
 
 def grpc_metadata(token: str) -> tuple[tuple[str, str], ...]:

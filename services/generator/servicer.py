@@ -41,7 +41,6 @@ from services.wire.errors import (
     FrameConflictError,
     OwnershipLostError,
     SessionNotFoundError,
-    TenantMismatchError,
     ValidationError,
 )
 from services.wire.ids import check_id
@@ -257,7 +256,7 @@ class GeneratorServicer:
         check_id("tenant_id", request.tenant_id)
         generation = self.table.get(request.session_id)
         if generation is None:
-            record = await self.store.get(request.session_id, request.tenant_id)  # NOT_FOUND / tenant checks
+            record = await self.store.get(request.session_id, request.tenant_id)  # NOT_FOUND (also another tenant's)
             return pb.CloseSessionResponse(frames_generated=max(0, record.frame_cursor))
         self._check_tenant(generation, request.tenant_id, request.session_id)
         self.table.drop(request.session_id)
@@ -307,7 +306,7 @@ class GeneratorServicer:
 
     async def _resume(self, session_id: str, tenant_id: str) -> Generation:
         """Take the session over from another replica: claim it, then rebuild from the history."""
-        snapshot = await self.store.snapshot(session_id, tenant_id)  # NOT_FOUND / PERMISSION_DENIED
+        snapshot = await self.store.snapshot(session_id, tenant_id)  # NOT_FOUND: unknown, or another tenant's
         if snapshot.state is None or not snapshot.history:
             raise FrameConflictError(
                 f"session_id: {session_id!r} has no generated block to resume from; open it again (OpenSession)"
@@ -383,5 +382,6 @@ class GeneratorServicer:
 
     @staticmethod
     def _check_tenant(generation: Generation, tenant_id: str, session_id: str) -> None:
+        """Another tenant's session answers exactly as an unknown one (NOT_FOUND): ids do not leak."""
         if generation.tenant_id != tenant_id:
-            raise TenantMismatchError("session_id", session_id, tenant_id)
+            raise SessionNotFoundError(session_id)

@@ -3,6 +3,8 @@
 Authenticates the caller, then runs a `SessionPipeline` whose stages are handles to
 the four model deployments; generator calls carry the session id, so Serve's
 session-affinity router sends them to the replica that holds the session's cache.
+A session token (claim `sid`) may stream only its session; another tenant's session or
+avatar answers NOT_FOUND exactly as an unknown id (`access`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from services.common.auth import tenant_from_grpc_metadata
+from services.common.auth import claims_from_grpc_metadata
 from services.common.config import Settings
 from services.common.servicer_call import call_servicer
+from services.ingress.access import authorize_call
 from services.ingress.config import IngressSettings, Stages
 from services.ingress.pipeline import SessionPipeline
 from services.store import SessionStore
-from services.wire.errors import ServiceError, TenantMismatchError, UnavailableError, set_status
+from services.wire.errors import ServiceError, UnavailableError, set_status
 from services.wire.protos import audio_features_pb2, decoder_pb2, generator_pb2, motion_encoder_pb2, pb
 
 REPLICA_DEATH_RETRIES = 8  # ~7 s of backoff in all
@@ -94,8 +97,10 @@ class SessionIngress:
             first = await anext(request_stream)
             token = first.start.auth_token if first.WhichOneof("message") == "start" else ""
             metadata = grpc_context.invocation_metadata() if grpc_context is not None else []
-            tenant = tenant_from_grpc_metadata(metadata, token)
-            pipeline = SessionPipeline(self.stages, self.store, self.ingress_settings, tenant)
+            claims = claims_from_grpc_metadata(metadata, token)
+            pipeline = SessionPipeline(
+                self.stages, self.store, self.ingress_settings, claims.tenant_id, token_session_id=claims.session_id
+            )
             async for message in pipeline.run(_prepend(first, request_stream)):
                 yield message
         except Exception as exc:
@@ -106,42 +111,54 @@ class SessionIngress:
     # The model services' RPCs, reachable through Serve's gRPC proxy (which dispatches every
     # method of this application to its ingress): authenticated, scoped to the token's tenant,
     # then forwarded to the deployment (generator calls pinned to the session's replica).
+    # Another tenant's session (or, for a session token, any other session) is NOT_FOUND.
 
     async def Extract(self, request, grpc_context=None):
         return await self._forward(
-            self.stages.extract, request, grpc_context, audio_features_pb2.ExtractFeaturesResponse
+            "Extract", self.stages.extract, request, grpc_context, audio_features_pb2.ExtractFeaturesResponse
         )
 
     async def EncodeUserMotion(self, request, grpc_context=None):
         return await self._forward(
-            self.stages.encode_user_motion, request, grpc_context, motion_encoder_pb2.EncodeUserMotionResponse
+            "EncodeUserMotion",
+            self.stages.encode_user_motion,
+            request,
+            grpc_context,
+            motion_encoder_pb2.EncodeUserMotionResponse,
         )
 
     async def EncodePortrait(self, request, grpc_context=None):
         return await self._forward(
-            self.stages.encode_portrait, request, grpc_context, motion_encoder_pb2.EncodePortraitResponse
+            "EncodePortrait",
+            self.stages.encode_portrait,
+            request,
+            grpc_context,
+            motion_encoder_pb2.EncodePortraitResponse,
         )
 
     async def OpenSession(self, request, grpc_context=None):
-        return await self._forward(self.stages.open_session, request, grpc_context, generator_pb2.OpenSessionResponse)
+        return await self._forward(
+            "OpenSession", self.stages.open_session, request, grpc_context, generator_pb2.OpenSessionResponse
+        )
 
     async def GenerateBlock(self, request, grpc_context=None):
         return await self._forward(
-            self.stages.generate_block, request, grpc_context, generator_pb2.GenerateBlockResponse
+            "GenerateBlock", self.stages.generate_block, request, grpc_context, generator_pb2.GenerateBlockResponse
         )
 
     async def CloseSession(self, request, grpc_context=None):
-        return await self._forward(self.stages.close_session, request, grpc_context, generator_pb2.CloseSessionResponse)
+        return await self._forward(
+            "CloseSession", self.stages.close_session, request, grpc_context, generator_pb2.CloseSessionResponse
+        )
 
     async def Decode(self, request, grpc_context=None):
-        return await self._forward(self.stages.decode, request, grpc_context, decoder_pb2.DecodeResponse)
+        return await self._forward("Decode", self.stages.decode, request, grpc_context, decoder_pb2.DecodeResponse)
 
-    async def _forward(self, stage, request, grpc_context, empty: type):
+    async def _forward(self, method: str, stage, request, grpc_context, empty: type):
         async def authorized(message):
             if grpc_context is not None:
-                tenant = tenant_from_grpc_metadata(grpc_context.invocation_metadata())
-                if message.tenant_id != tenant:
-                    raise TenantMismatchError("tenant_id", message.tenant_id, tenant)
+                claims = claims_from_grpc_metadata(grpc_context.invocation_metadata())
+                await authorize_call(self.store, claims, method, message)
             return await stage(message)
 
         return await call_servicer(authorized, request, grpc_context, empty)

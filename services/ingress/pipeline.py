@@ -15,6 +15,12 @@ The session timeline and the media horizon are `media.MediaState`'s, when a bloc
 complete and what its features read is `schedule`'s, and the real-time policy is `policy`'s.
 Memory stays bounded however long the session: the audio timelines forget what no block's
 window and no unsent frame needs (`timeline.AudioTimeline`).
+
+After each block's frames are out, the session is accounted (`_account`): its generated seconds
+are added to the tenant's usage (a session that reaches max_session_minutes ends with
+RESOURCE_EXHAUSTED after that block), its figures are written to the record (`SessionFigures`,
+`services.store.records.SESSION_FIGURES`), and a stop the gateway requested (status
+"stopping", `SessionStore.request_stop`) ends the call with OK and closes the session.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -42,19 +50,54 @@ from services.ingress.schedule import (
     next_block,
     zero_features,
 )
-from services.ingress.session import SessionContext, close_session, open_session
+from services.ingress.session import SessionContext, check_minutes, close_session, open_session
 from services.store import SessionStore
-from services.wire.errors import ServiceError, ValidationError, error_fields
+from services.wire.errors import ServiceError, StoreUnavailable, ValidationError, error_fields
 from services.wire.protos import Limit, pb
 from services.wire.tensors import decode as decode_tensor
 from services.wire.tensors import encode
 
-__all__ = ["DECODE_CHUNK", "SessionPipeline"]
+__all__ = ["DECODE_CHUNK", "SessionFigures", "SessionPipeline"]
 
 log = logging.getLogger(__name__)
 DECODE_CHUNK = 10  # frames per Decode call: 10 RAW_RGB 512x512 frames fit one 8 MiB message
 
 Clock = Callable[[], float]
+FIGURE_BLOCKS = 64  # recent blocks the latency figures are taken over
+
+
+class SessionFigures:
+    """The live figures of one session (records.SESSION_FIGURES), updated per block of frames."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.degraded_frames = 0
+        self.latencies_ms: deque[float] = deque(maxlen=FIGURE_BLOCKS)
+        self.factors: deque[float] = deque(maxlen=FIGURE_BLOCKS)
+
+    def add_block(self, frames: list[pb.AvatarFrame]) -> None:
+        if not frames:
+            return
+        self.frames += len(frames)
+        self.degraded_frames += sum(1 for f in frames if f.timing.degradation)
+        latency_ms = max(f.timing.block_latency_ms for f in frames)
+        self.latencies_ms.append(latency_ms)
+        if latency_ms > 0:
+            self.factors.append(len(frames) / Limit.FPS * 1000 / latency_ms)
+
+    def values(self) -> dict[str, float]:
+        figures = {"frames": self.frames, "degraded_frames": self.degraded_frames, "session_seconds": self.seconds}
+        if self.latencies_ms:
+            ordered = sorted(self.latencies_ms)
+            figures["block_latency_p50_ms"] = statistics.median(ordered)
+            figures["block_latency_p95_ms"] = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+        if self.factors:
+            figures["realtime_factor"] = statistics.median(self.factors)
+        return figures
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / Limit.FPS
 
 
 class SessionPipeline:
@@ -65,11 +108,14 @@ class SessionPipeline:
         settings: IngressSettings,
         tenant_id: str,
         clock: Clock = time.monotonic,
+        token_session_id: str | None = None,
     ) -> None:
         self.stages = stages
         self.store = store
         self.settings = settings
         self.tenant_id = tenant_id
+        self.token_session_id = token_session_id  # a session token's `sid`: the only session it may stream
+        self.figures = SessionFigures()
         # Seconds for block latencies (what the real-time policy judges): injectable so that a
         # test can run a session on virtual time, whatever the speed of the machine.
         self.clock = clock
@@ -89,7 +135,9 @@ class SessionPipeline:
         first = await anext(requests, None)
         if first is None or first.WhichOneof("message") != "start":
             raise ValidationError("message", "the first client message must be Start")
-        ctx = await open_session(self.stages, self.store, self.settings, self.tenant_id, first.start)
+        ctx = await open_session(
+            self.stages, self.store, self.settings, self.tenant_id, first.start, self.token_session_id
+        )
         yield pb.ServerMessage(
             started=pb.Started(
                 session_id=ctx.session_id,
@@ -251,7 +299,7 @@ class SessionPipeline:
         """Blocks in order: generate, then hand the latents to the in-order decoder."""
         policy = RealtimePolicy(ctx.nfe, self.settings.latency_budget_s)
         decodes: asyncio.Queue[asyncio.Task | None] = asyncio.Queue()
-        emitter = asyncio.create_task(self._emit(decodes))
+        emitter = asyncio.create_task(self._emit(ctx, decodes))
         next_input = 0
         block: PendingBlock | None = None
         try:
@@ -370,7 +418,7 @@ class SessionPipeline:
             observe(latency)
         return frames
 
-    async def _emit(self, decodes: asyncio.Queue) -> None:
+    async def _emit(self, ctx: SessionContext, decodes: asyncio.Queue) -> None:
         while (task := await decodes.get()) is not None:
             messages = await task
             for message in messages:
@@ -378,7 +426,33 @@ class SessionPipeline:
             if messages:  # their audio is in the messages now: the avatar timeline may forget it
                 self.unsent_frame = max(self.unsent_frame, messages[-1].frame.frame_index + 1)
                 self._release_audio()
+                try:
+                    stop = await self._account(ctx, [m.frame for m in messages])
+                except ServiceError as exc:  # over the minutes quota, or the session was closed elsewhere
+                    await self.out.put(exc)
+                    return
+                if stop:
+                    log.info("session %s: stop requested; ending after frame %d", ctx.session_id, self.unsent_frame)
+                    break
         await self.out.put(None)
+
+    async def _account(self, ctx: SessionContext, frames: list[pb.AvatarFrame]) -> bool:
+        """After a block's frames went out: usage, figures, and the session's status. True: stop
+        requested. Raises QuotaExceededError once the tenant's session minutes are used up."""
+        self.figures.add_block(frames)
+        try:
+            used_s, record, _ = await asyncio.gather(
+                self.store.add_session_seconds(ctx.tenant_id, len(frames) / Limit.FPS),
+                self.store.get(ctx.session_id, ctx.tenant_id),
+                self.store.set_figures(ctx.session_id, ctx.tenant_id, self.figures.values()),
+            )
+        except StoreUnavailable as exc:  # the session goes on; this block's accounting is lost
+            log.warning("session %s: accounting skipped: %s", ctx.session_id, exc)
+            return False
+        if record.status == "stopping":
+            return True
+        check_minutes(ctx.tenant_id, ctx.quotas, used_s)
+        return False
 
     async def _heartbeat(self, ctx: SessionContext) -> None:
         while True:

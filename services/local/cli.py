@@ -9,7 +9,15 @@ from pathlib import Path
 
 from services.common import auth
 from services.common.config import PRESETS
-from services.local.defaults import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEV_TENANT, DEV_TOKEN_TTL_S, MIN_LOCAL_CPUS
+from services.local.defaults import (
+    DEFAULT_GATEWAY_PORT,
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    DEV_TENANT,
+    DEV_TOKEN_TTL_S,
+    MIN_LOCAL_CPUS,
+)
+from services.local.gateway import DEMO_TENANT
 from services.local.redis_process import DEFAULT_REDIS_URL, redact_url
 from services.local.service import LocalService
 
@@ -40,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="say ready without running the warm-up sessions first (the first session then pays first-call costs)",
     )
+    parser.add_argument(
+        "--gateway-port",
+        type=int,
+        default=DEFAULT_GATEWAY_PORT,
+        help=f"the gateway's HTTP port (default {DEFAULT_GATEWAY_PORT}; 0: a free port)",
+    )
+    parser.add_argument("--no-gateway", action="store_true", help="run the serving stack without the gateway")
     parser.add_argument(
         "--print-token", action="store_true", help=f"print a `{DEV_TENANT}` token with a set secret too"
     )
@@ -72,5 +87,18 @@ def banner(service: LocalService, print_token: bool) -> str:
         )
     else:
         lines.append("  token   mint one: python -m services.common.auth --tenant dev (or pass --print-token)")
+    gateway = service.gateway
+    if gateway is not None:
+        lines.append(f"  gateway {gateway.url}   (API: {gateway.url}/docs, {gateway.url}/openapi.json)")
+        if gateway.admin_token_generated:
+            lines.append(f"  admin   {gateway.admin_token}")
+            lines.append("          (random for this run; set AF_GATEWAY_ADMIN_TOKEN to keep one)")
+        else:
+            lines.append("  admin   the token in AF_GATEWAY_ADMIN_TOKEN")
+        lines.append(f"  demo    tenant {DEMO_TENANT!r}, API key {gateway.demo_api_key}")
+        lines.append(
+            f"  upload  curl -H 'Authorization: Bearer <API key>' -F portrait=@samples/portrait.png "
+            f"{gateway.url}/v1/avatars"
+        )
     lines.append("Ctrl-C stops the service.")
     return "\n".join(lines)

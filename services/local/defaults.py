@@ -9,6 +9,7 @@ from pathlib import Path
 APP_NAME = "avatar-forcing"
 DEFAULT_GRPC_PORT = 9000  # Serve's gRPC proxy, as in deploy/serve/config.yaml
 DEFAULT_HTTP_PORT = 8000
+DEFAULT_GATEWAY_PORT = 8080  # the gateway (services.gateway), beside Serve's HTTP proxy
 DEV_TENANT = "dev"
 DEV_TOKEN_TTL_S = 24 * 3600.0
 # Ray CPUs are scheduling units: the local app's five deployments ask for 0.5 each, so small

@@ -53,6 +53,7 @@ from services.local.defaults import (
     REPO_ROOT,
 )
 from services.local.errors import LauncherError, Log, print_progress
+from services.local.gateway import LocalGateway, start_gateway
 from services.local.ports import free_port
 from services.local.redis_process import DEFAULT_REDIS_URL, ensure_redis
 from services.local.serve_deploy import deploy_config, load_serve_config, servicer_functions, wait_ready
@@ -138,6 +139,7 @@ def start_local(
     auth_secret: str | None = None,
     token_ttl_s: float = DEV_TOKEN_TTL_S,
     ready_timeout_s: float = 600.0,
+    gateway_port: int | None = None,
     warm: bool = True,
     app_args: dict[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
@@ -148,7 +150,8 @@ def start_local(
     gRPC and HTTP proxies answer. Ports of 0 pick free ones; with `serve_config`, None keeps the
     file's ports. `warm`: run the warm-up sessions (`services.local.warmup`) before returning.
     `app_args` are further `services.app.build_app` arguments, `env` further
-    environment for the replicas. On any failure what was started is stopped again."""
+    environment for the replicas. `gateway_port` (0: a free one): also run the gateway there, with
+    a demo tenant (`services.local.gateway`). On any failure what was started is stopped again."""
     preset = config or default_preset()
     if preset not in PRESETS:
         raise LauncherError(f"--config: got {preset!r}; expected one of {PRESETS}", exit_code=2)
@@ -168,6 +171,7 @@ def start_local(
     url, redis_server = ensure_redis(url, start_if_down=start_redis_if_down, log=log)
     restore_env: dict[str, str | None] = {}
     own_ray = False
+    gateway: LocalGateway | None = None
     try:
         replica_env = replica_environment(url, secret, preset, weights_dir)
         restore_env = set_env(replica_env | dict(env or {}))
@@ -206,6 +210,10 @@ def start_local(
         if warm:
             # Ready means a session meets real time from its first block: run real ones first.
             warm_up(grpc_target, auth.mint_token(WARMUP_TENANT, secret, 600.0), log)
+        if gateway_port is not None:
+            log("gateway: starting")
+            prefix = (app_args or {}).get("redis_prefix")
+            gateway = start_gateway(secret, grpc_target, url, prefix, port=gateway_port)
         return LocalService(
             grpc_target=grpc_target,
             http_url=http_url,
@@ -218,8 +226,11 @@ def start_local(
             _redis=redis_server,
             _own_ray=own_ray,
             _restore_env=restore_env,
+            _gateway=gateway,
         )
     except BaseException:
+        if gateway is not None:
+            gateway.stop()
         shutdown(own_ray, redis_server, restore_env)
         raise
 
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             num_cpus=args.num_cpus,
             serve_config=args.serve_config,
             warm=not args.no_warm_up,
+            gateway_port=None if args.no_gateway else args.gateway_port,
         )
     except LauncherError as exc:
         print(f"error: {exc}", file=sys.stderr)

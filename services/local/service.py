@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from services.common import auth
+from services.local.gateway import LocalGateway
 from services.local.redis_process import LocalRedis, redact_url
 
 
@@ -28,6 +29,7 @@ class LocalService:
     _redis: LocalRedis | None = field(default=None, repr=False)
     _own_ray: bool = field(default=False, repr=False)
     _restore_env: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _gateway: LocalGateway | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     def __repr__(self) -> str:  # no token, no secret, no Redis password
@@ -35,6 +37,11 @@ class LocalService:
             f"LocalService(grpc_target={self.grpc_target!r}, health_url={self.health_url!r}, "
             f"redis_url={redact_url(self.redis_url)!r}, config={self.config!r}, dev_secret={self.dev_secret})"
         )
+
+    @property
+    def gateway(self) -> LocalGateway | None:
+        """The gateway started beside Serve (`start_local(gateway_port=...)`), else None."""
+        return self._gateway
 
     @property
     def started_redis(self) -> bool:
@@ -51,6 +58,9 @@ class LocalService:
         if self._stopped:
             return
         self._stopped = True
+        if self._gateway is not None:
+            with contextlib.suppress(Exception):
+                self._gateway.stop()
         shutdown(self._own_ray, self._redis, self._restore_env)
 
     def __enter__(self) -> LocalService:

@@ -12,6 +12,9 @@ Modules (the public names are re-exported here; import them from `services.store
     history     the history ring, latest_state, the resume snapshot
     avatars     avatar portraits
     replicas    replica liveness
+    tenants     tenants and their API keys (hashed secrets, revocation, last use)
+    ratelimit   request rate per API key (a fixed window on the Redis clock)
+    dispatch    the bridge dispatch stream (LiveKit join/leave orders)
     reaper      reaping expired sessions and dead replicas; run_reaper
     store       SessionStore, composed of the operation groups above
     inspection  leak checks and namespace teardown for the benchmark and tests (synchronous)

@@ -30,6 +30,9 @@ Keys (P = `Settings.redis_prefix`, default "af"; every id matches [A-Za-z0-9_-]{
     P:rate:{kid}:{window}       string  requests of one key in one rate window (INCR + EXPIRE)
     P:avatar-invalidated        channel pub/sub: JSON {tenant_id, avatar_id} when an avatar is
                                         deleted or replaced; caches of its encoding drop it
+    P:bridge:dispatch           stream  bridge dispatch: one entry per join/leave order for a LiveKit
+                                        bridge (services.gateway.livekit; docs/gateway.md), read
+                                        by bridge workers through the consumer group "bridges"
     P:replica:{rid}:alive       string  TTL of the replica TTL: the replica is alive while it exists
     P:replica:{rid}:sessions    set     the session ids the replica owns
     P:replicas                  set     replica ids seen (dropped when dead and owning nothing)
@@ -74,6 +77,7 @@ class KeyKind(enum.StrEnum):
     REPLICA_ALIVE = "replica alive"
     REPLICA_SESSIONS = "replica sessions"
     REPLICAS = "replicas"
+    BRIDGE_DISPATCH = "bridge dispatch"
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,10 @@ class KeySchema:
     def avatar(self, tenant_id: str, avatar_id: str) -> str:
         return f"{self.prefix}:tenant:{tenant_id}:avatar:{avatar_id}"
 
+    @property
+    def bridge_dispatch(self) -> str:
+        return f"{self.prefix}:bridge:dispatch"
+
     # -- replicas ----------------------------------------------------------------------------
 
     def replica_alive(self, replica_id: str) -> str:
@@ -194,6 +202,8 @@ class KeySchema:
             return ParsedKey(KeyKind.REPLICAS)
         if rest == "tenants":
             return ParsedKey(KeyKind.TENANTS)
+        if rest == "bridge:dispatch":
+            return ParsedKey(KeyKind.BRIDGE_DISPATCH)
         if match := re.fullmatch(rf"session:({_ID})(?::([^:]+))?", rest):
             sid, part = match.groups()
             if part is None:

@@ -1,9 +1,12 @@
 """The values the session store hands out, and their encodings in Redis.
 
-`SessionRecord` is the P:session:{sid} hash; `HistoryEntry` is one element of the history ring, with
-its own byte codec; `StateSnapshot` is the latest_state slot; `ResumeSnapshot` is all three read at
-once; `Claim` is the proof of ownership writers present; `ReapedSession`/`ReapResult` describe what
-the reaper (or a close) removed, as published on the reaped channel.
+`SessionRecord` is the P:session:{sid} hash (its `status` runs pending -> active -> stopping ->
+closed, see `validation.STATUSES`; its `figures` are the live numbers the ingress writes per block,
+names in `SESSION_FIGURES`); `AvatarInfo` is one entry of P:tenant:{tid}:avatars; `HistoryEntry` is
+one element of the history ring, with its own byte codec; `StateSnapshot` is the latest_state slot;
+`ResumeSnapshot` is all three read at once; `Claim` is the proof of ownership writers present;
+`ReapedSession`/`ReapResult` describe what the reaper (or a close) removed, as published on the
+reaped channel.
 """
 
 from __future__ import annotations
@@ -12,6 +15,16 @@ import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+
+# The figures the ingress writes per block (SessionStore.set_figures), readable as SessionRecord.figures:
+SESSION_FIGURES = {
+    "frames": "frames sent to the client so far",
+    "degraded_frames": "of those, frames below full quality (reduced sampler steps or held)",
+    "block_latency_p50_ms": "median end-to-end block latency over the recent blocks (input complete -> frames out)",
+    "block_latency_p95_ms": "95th percentile of the same",
+    "realtime_factor": "median over the recent blocks of block media seconds / block latency (>= 1: real time)",
+    "session_seconds": "generated session time so far (what the tenant's max_session_minutes counts)",
+}
 
 
 @dataclass(frozen=True)
@@ -27,11 +40,12 @@ class SessionRecord:
     frame_cursor: int  # session frames generated so far = the first frame of the next block
     owner: str  # replica id, "" when unowned
     owner_epoch: int
+    figures: dict[str, float] = field(default_factory=dict)  # SESSION_FIGURES, as last written
 
     @classmethod
     def from_hash(cls, data: dict[bytes, bytes]) -> SessionRecord:
-        # options is JSON (possibly non-ASCII), the rest plain text fields of the hash.
-        text = {k.decode(): v.decode() for k, v in data.items() if k != b"options"}
+        # options and figures are JSON (possibly non-ASCII), the rest plain text fields of the hash.
+        text = {k.decode(): v.decode() for k, v in data.items() if k not in (b"options", b"figures")}
         return cls(
             session_id=text["session_id"],
             tenant_id=text["tenant_id"],
@@ -44,6 +58,39 @@ class SessionRecord:
             frame_cursor=int(text["frame_cursor"]),
             owner=text["owner"],
             owner_epoch=int(text["owner_epoch"]),
+            figures=json.loads(data[b"figures"]) if b"figures" in data else {},
+        )
+
+
+@dataclass(frozen=True)
+class AvatarInfo:
+    """The metadata of one avatar's portrait (P:tenant:{tid}:avatars[avatar_id], JSON)."""
+
+    tenant_id: str
+    avatar_id: str
+    created_ms: int  # when this portrait was stored (a replacement with other bytes resets it)
+    bytes: int
+    format: str  # "PNG", "JPEG", or "unknown" (bytes whose header could not be read)
+    width: int  # 0 when unknown
+    height: int
+    sha256: str  # hex digest of the portrait bytes: caches of its encoding are keyed by it
+
+    def to_json(self) -> str:
+        fields_ = {k: v for k, v in self.__dict__.items() if k not in ("tenant_id", "avatar_id")}
+        return json.dumps(fields_, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, tenant_id: str, avatar_id: str, text: str | bytes) -> AvatarInfo:
+        data = json.loads(text)
+        return cls(
+            tenant_id,
+            avatar_id,
+            int(data["created_ms"]),
+            int(data["bytes"]),
+            str(data["format"]),
+            int(data["width"]),
+            int(data["height"]),
+            str(data["sha256"]),
         )
 
 

@@ -6,7 +6,8 @@ agree on deadlines. A script addresses keys it builds from the prefix in ARGV (n
 KEYS), which is why the store needs a single Redis primary, not Redis Cluster.
 
 Replies are arrays whose first element is a status word; 'not_found' and 'tenant_mismatch' mean
-the same to every session script (`raise_for_session`).
+the same to every session script (`raise_for_session`), and both reach the caller as the same
+NOT_FOUND: another tenant's session is indistinguishable from an unknown one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from services.store.keys import LUA_KEYS
-from services.wire.errors import SessionNotFoundError, TenantMismatchError
+from services.wire.errors import SessionNotFoundError
 
 # purge: delete every key of one session and announce it on the reaped channel; shared by close and reap.
 _HELPERS = """
@@ -40,12 +41,27 @@ local function purge(P, sid, reason)
 end
 """
 
-# KEYS: record, heartbeat, deadlines, tenant set
-# ARGV: sid, tenant, avatar, room, status, options, ttl_ms, max_tenant_sessions
+# KEYS: record, heartbeat, deadlines, tenant set, tenant record
+# ARGV: sid, tenant, avatar, room, status, options, ttl_ms, limit, default_limit, prefix
+# limit >= 0: that many sessions at most (0: no limit); limit < 0: the tenant's quota,
+# max_concurrent_sessions of its record (default_limit without one). The sessions counted are the
+# tenant's live ones (heartbeat key present): one the reaper has not reached yet does not count.
+# So the check and the insert are one step: N concurrent creates never exceed the limit.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'exists'} end
 local limit = tonumber(ARGV[8])
-if limit > 0 and redis.call('SCARD', KEYS[4]) >= limit then return {'full'} end
+local enforce = limit > 0
+if limit < 0 then
+  limit = tonumber(redis.call('HGET', KEYS[5], 'max_concurrent_sessions') or ARGV[9])
+  enforce = true
+end
+if enforce then
+  local open = 0
+  for _, sid in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    if redis.call('EXISTS', heartbeat_key(ARGV[10], sid)) == 1 then open = open + 1 end
+  end
+  if open >= limit then return {'full', int(open), int(limit)} end
+end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'session_id', ARGV[1], 'tenant_id', ARGV[2], 'avatar_id', ARGV[3],
   'room', ARGV[4], 'status', ARGV[5], 'options', ARGV[6], 'created_ms', int(now), 'updated_ms', int(now),
@@ -53,6 +69,57 @@ redis.call('HSET', KEYS[1], 'session_id', ARGV[1], 'tenant_id', ARGV[2], 'avatar
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[7])
 redis.call('ZADD', KEYS[3], int(now + tonumber(ARGV[7])), ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
+return {'ok'}
+"""
+
+# KEYS: record     ARGV: tenant
+# pending/active -> stopping (the stream ends after its current block); stopping stays stopping.
+_REQUEST_STOP = """
+local rec = redis.call('HMGET', KEYS[1], 'tenant_id', 'status')
+if not rec[1] then return {'not_found'} end
+if rec[1] ~= ARGV[1] then return {'tenant_mismatch'} end
+if rec[2] ~= 'stopping' then
+  redis.call('HSET', KEYS[1], 'status', 'stopping', 'updated_ms', int(now_ms()))
+end
+return {'ok', rec[2] or ''}
+"""
+
+# KEYS: record     ARGV: tenant, figures (JSON)
+_SET_FIGURES = """
+local tenant = redis.call('HGET', KEYS[1], 'tenant_id')
+if not tenant then return {'not_found'} end
+if tenant ~= ARGV[1] then return {'tenant_mismatch'} end
+redis.call('HSET', KEYS[1], 'figures', ARGV[2])
+return {'ok'}
+"""
+
+# KEYS: portrait, tenant avatars hash, invalidated channel
+# ARGV: avatar_id, portrait bytes, sha256, metadata JSON without created_ms, event JSON
+# The same bytes again change nothing (no event: caches stay valid). Other bytes replace the
+# portrait and its metadata in one step and announce the avatar on the invalidated channel.
+_PUT_AVATAR = """
+local existed = redis.call('EXISTS', KEYS[1]) == 1
+if existed then
+  local old = redis.call('HGET', KEYS[2], ARGV[1])
+  if old and cjson.decode(old)['sha256'] == ARGV[3] then return {'unchanged'} end
+end
+local meta = cjson.decode(ARGV[4])
+meta['created_ms'] = tonumber(int(now_ms()))
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(meta))
+if existed then
+  redis.call('PUBLISH', KEYS[3], ARGV[5])
+  return {'replaced'}
+end
+return {'created'}
+"""
+
+# KEYS: portrait, tenant avatars hash, invalidated channel     ARGV: avatar_id, event JSON
+_DELETE_AVATAR = """
+local existed = redis.call('DEL', KEYS[1])
+local had_meta = redis.call('HDEL', KEYS[2], ARGV[1])
+if existed == 0 and had_meta == 0 then return {'not_found'} end
+redis.call('PUBLISH', KEYS[3], ARGV[2])
 return {'ok'}
 """
 
@@ -65,7 +132,10 @@ local now = now_ms()
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], int(now + tonumber(ARGV[3])), ARGV[1])
 redis.call('HSET', KEYS[1], 'updated_ms', int(now))
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[4]) end
+-- a requested stop is never undone by a heartbeat (the stream that sees it ends the session)
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'status') ~= 'stopping' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[4])
+end
 return {'ok'}
 """
 
@@ -192,6 +262,10 @@ SOURCES = {
     "append": _APPEND,
     "put_state": _PUT_STATE,
     "close": _CLOSE,
+    "request_stop": _REQUEST_STOP,
+    "set_figures": _SET_FIGURES,
+    "put_avatar": _PUT_AVATAR,
+    "delete_avatar": _DELETE_AVATAR,
     "reap": _REAP,
     "reap_replicas": _REAP_REPLICAS,
 }
@@ -203,8 +277,10 @@ def register_scripts(redis: aioredis.Redis) -> dict[str, AsyncScript]:
 
 
 def raise_for_session(reply: list[Any], session_id: str, tenant_id: str) -> None:
-    """The replies every session script shares: no such session, or another tenant's."""
-    if reply[0] == "not_found":
+    """The replies every session script shares: no such session, or another tenant's.
+
+    Both raise the same SessionNotFoundError (NOT_FOUND, the same message): a tenant cannot tell
+    another tenant's session from one that does not exist.
+    """
+    if reply[0] in ("not_found", "tenant_mismatch"):
         raise SessionNotFoundError(session_id)
-    if reply[0] == "tenant_mismatch":
-        raise TenantMismatchError("session_id", session_id, tenant_id)

@@ -1,4 +1,14 @@
-"""Session records: create, read, list, keep alive, close, and ask which are gone.
+"""Session records: create, read, list, keep alive, stop, close, and ask which are gone.
+
+Lifecycle (`SessionRecord.status`, `validation.STATUSES`): the gateway creates a session "pending";
+the ingress streaming it sets "active"; `request_stop` sets "stopping", and the ingress ends the
+stream after its current block and closes the session; `close` deletes every key of it ("closed",
+announced on the reaped channel). The ingress writes the session's live figures per block
+(`set_figures`, `records.SESSION_FIGURES`).
+
+Tenants. Every operation names the tenant; another tenant's session answers exactly as an unknown
+one (SessionNotFoundError), so ids do not leak. `create` enforces the tenant's
+max_concurrent_sessions quota atomically (scripts._CREATE).
 
 Liveness. A session is alive while its heartbeat key (P:session:{sid}:heartbeat) exists; whoever
 drives the session (the ingress, and the owner with every block it appends) refreshes it. Each
@@ -13,32 +23,34 @@ from typing import Any
 
 from services.store.client import StoreClient
 from services.store.keys import KeySchema
+from services.store.quotas import DEFAULT_QUOTAS
 from services.store.records import ReapedSession, SessionRecord
 from services.store.scripts import raise_for_session
 from services.store.validation import (
     MAX_OPTIONS_BYTES,
     MAX_ROOM_CHARS,
+    check_figures,
     check_ids,
     check_status,
     ttl_ms,
 )
 from services.wire.errors import (
-    CapacityExceededError,
     FailedPreconditionError,
+    QuotaExceededError,
     SessionNotFoundError,
-    TenantMismatchError,
     ValidationError,
 )
 from services.wire.ids import check_id
 
 
 def session_record(data: dict[bytes, bytes], session_id: str, tenant_id: str) -> SessionRecord:
-    """The record from its hash, if it exists and is the tenant's (else the error callers expect)."""
+    """The record from its hash, if it exists and is the tenant's; SessionNotFoundError otherwise
+    (the same error for another tenant's session as for an unknown one)."""
     if not data:
         raise SessionNotFoundError(session_id)
     record = SessionRecord.from_hash(data)
     if record.tenant_id != tenant_id:
-        raise TenantMismatchError("session_id", session_id, tenant_id)
+        raise SessionNotFoundError(session_id)
     return record
 
 
@@ -56,13 +68,23 @@ class SessionOps:
         avatar_id: str,
         options: dict[str, Any] | None = None,
         room: str = "",
-        status: str = "created",
-        max_tenant_sessions: int = 0,
+        status: str = "pending",
+        max_tenant_sessions: int | None = None,
     ) -> SessionRecord:
-        """A new session record with a fresh heartbeat. max_tenant_sessions > 0: the tenant's quota."""
+        """A new session record with a fresh heartbeat, counted against the tenant's quota.
+
+        max_tenant_sessions None: the tenant's max_concurrent_sessions (its record's, else the
+        default quota); an int > 0: that limit instead; 0: no limit. The count and the insert are
+        one atomic step. Raises QuotaExceededError (limit "max_concurrent_sessions") when the tenant
+        already has that many live sessions, FailedPreconditionError when the id exists.
+        """
         check_ids(session_id, tenant_id)
         check_id("avatar_id", avatar_id)
         check_status(status)
+        if max_tenant_sessions is not None and (
+            isinstance(max_tenant_sessions, bool) or not isinstance(max_tenant_sessions, int) or max_tenant_sessions < 0
+        ):
+            raise ValidationError("max_tenant_sessions", f"got {max_tenant_sessions!r}; expected None or an int >= 0")
         if not isinstance(room, str) or len(room) > MAX_ROOM_CHARS or not room.isprintable():
             raise ValidationError("room", f"expected at most {MAX_ROOM_CHARS} printable characters, got {room!r}")
         try:
@@ -77,15 +99,22 @@ class SessionOps:
             self.keys.heartbeat(session_id),
             self.keys.deadlines,
             self.keys.tenant_sessions(tenant_id),
+            self.keys.tenant(tenant_id),
         ]
         ttl = ttl_ms(self.heartbeat_ttl_s)
-        args = [session_id, tenant_id, avatar_id, room, status, options_json, ttl, max_tenant_sessions]
+        limit = -1 if max_tenant_sessions is None else max_tenant_sessions
+        args = [session_id, tenant_id, avatar_id, room, status, options_json, ttl, limit]
+        args += [DEFAULT_QUOTAS.max_concurrent_sessions, self.keys.prefix]
         reply = await self.client.script("create", keys, args)
         if reply[0] == "exists":
             raise FailedPreconditionError(f"session_id: a session {session_id!r} already exists")
         if reply[0] == "full":
-            limit = max_tenant_sessions
-            raise CapacityExceededError(f"tenant_id: tenant {tenant_id!r} has its limit of {limit} sessions")
+            open_, limit = int(reply[1]), int(reply[2])
+            raise QuotaExceededError(
+                "max_concurrent_sessions",
+                f"tenant {tenant_id!r} has {open_} sessions open, its limit of {limit} concurrent sessions; "
+                "stop one (or raise the quota) first",
+            )
         return await self.get(session_id, tenant_id)
 
     async def get(self, session_id: str, tenant_id: str) -> SessionRecord:
@@ -119,6 +148,22 @@ class SessionOps:
         keys = [self.keys.session(session_id), self.keys.heartbeat(session_id), self.keys.deadlines]
         args = [session_id, tenant_id, ttl_ms(self.heartbeat_ttl_s), status or ""]
         reply = await self.client.script("heartbeat", keys, args)
+        raise_for_session(reply, session_id, tenant_id)
+
+    async def request_stop(self, session_id: str, tenant_id: str) -> None:
+        """Ask the session to end: status "stopping". The ingress streaming it ends the call with OK
+        after the current block's frames and closes the session; a session nobody streams (still
+        "pending") is reaped when its heartbeat lapses, or `close` it. Idempotent."""
+        check_ids(session_id, tenant_id)
+        reply = await self.client.script("request_stop", [self.keys.session(session_id)], [tenant_id])
+        raise_for_session(reply, session_id, tenant_id)
+
+    async def set_figures(self, session_id: str, tenant_id: str, figures: dict[str, float]) -> None:
+        """Replace the session's live figures (records.SESSION_FIGURES; finite numbers, at most
+        validation.MAX_FIGURES), read back as SessionRecord.figures."""
+        check_ids(session_id, tenant_id)
+        text = json.dumps(check_figures(figures), sort_keys=True)
+        reply = await self.client.script("set_figures", [self.keys.session(session_id)], [tenant_id, text])
         raise_for_session(reply, session_id, tenant_id)
 
     async def close(self, session_id: str, tenant_id: str) -> ReapedSession:

@@ -13,18 +13,32 @@ import redis.asyncio as aioredis
 from services.common.config import Settings
 from services.store.avatars import AvatarOps
 from services.store.client import StoreClient
+from services.store.dispatch import DispatchOps
 from services.store.history import HistoryOps
 from services.store.keys import KeySchema
 from services.store.ownership import OwnershipOps
 from services.store.quotas import QuotaOps
+from services.store.ratelimit import RateLimitOps
 from services.store.reaper import ReaperOps
 from services.store.replicas import ReplicaOps
 from services.store.sessions import SessionOps
+from services.store.tenants import TenantOps
 from services.store.validation import MAX_ENTRY_BYTES, MAX_STATE_BYTES
 from services.wire.errors import ValidationError
 
 
-class SessionStore(SessionOps, OwnershipOps, HistoryOps, AvatarOps, QuotaOps, ReplicaOps, ReaperOps):
+class SessionStore(
+    SessionOps,
+    OwnershipOps,
+    HistoryOps,
+    AvatarOps,
+    QuotaOps,
+    ReplicaOps,
+    ReaperOps,
+    TenantOps,
+    RateLimitOps,
+    DispatchOps,
+):
     """Async access to the session state in Redis (schema: services.store.keys)."""
 
     def __init__(

@@ -6,10 +6,19 @@ the errors name the offending field (ValidationError), as the gRPC services repo
 
 from __future__ import annotations
 
+import math
+import re
+
 from services.wire.errors import ValidationError
 from services.wire.ids import check_id
 
-STATUSES = ("created", "active", "ended")
+# A session's life (SessionRecord.status): pending (created, nobody streams it yet: the gateway's
+# create) -> active (an AvatarSession.Stream drives it) -> stopping (request_stop: the stream ends
+# after its current block) -> closed (the record and every key of it are deleted; `close` announces
+# it on the reaped channel with reason "closed", so a reader sees "closed" only there).
+STATUSES = ("pending", "active", "stopping", "closed")
+MAX_FIGURES = 16  # entries of SessionRecord.figures
+_FIGURE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_OPTIONS_BYTES = 4096
 MAX_ROOM_CHARS = 256
 MAX_ENTRY_BYTES = 1 << 20  # one history entry's blob
@@ -39,3 +48,19 @@ def check_status(status: str) -> None:
 def ttl_ms(seconds: float) -> int:
     """A TTL in whole milliseconds, never 0 (Redis rejects PX 0)."""
     return max(1, round(seconds * 1000))
+
+
+def check_figures(figures: dict[str, float]) -> dict[str, float]:
+    """Figures as {name: finite float}: at most MAX_FIGURES, names of [a-z][a-z0-9_]{0,63}."""
+    if not isinstance(figures, dict):
+        raise ValidationError("figures", f"expected a dict of name -> number, got {type(figures).__name__}")
+    if len(figures) > MAX_FIGURES:
+        raise ValidationError("figures", f"{len(figures)} entries; expected at most {MAX_FIGURES}")
+    checked = {}
+    for name, value in figures.items():
+        if not isinstance(name, str) or not _FIGURE_NAME.fullmatch(name):
+            raise ValidationError("figures", f"name {name!r}; expected [a-z][a-z0-9_]{{0,63}}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValidationError(f"figures.{name}", f"got {value!r}; expected a finite number")
+        checked[name] = float(value)
+    return checked

@@ -7,8 +7,10 @@ deployments, whose context has no `abort`); clients map a failed call back with 
 
     ValidationError          INVALID_ARGUMENT     bad input (also: a plain ValueError from avatar_forcing)
     UnauthenticatedError     UNAUTHENTICATED      missing or bad credentials
-    NotFoundError            NOT_FOUND            unknown session (SessionNotFoundError), avatar, ...
-    PermissionDeniedError    PERMISSION_DENIED    another tenant's resource (TenantMismatchError)
+    NotFoundError            NOT_FOUND            unknown session (SessionNotFoundError), avatar (AvatarNotFoundError),
+                                                  and *another tenant's* session or avatar (TenantMismatchError):
+                                                  answered exactly as an unknown id, so ids do not leak
+    PermissionDeniedError    PERMISSION_DENIED    a valid token whose scope does not allow the operation
     CapacityExceededError    RESOURCE_EXHAUSTED   replica or tenant limit reached, rate or buffer limit
                                                   (QuotaExceededError: a tenant quota or key rate, by name)
     UnavailableError         UNAVAILABLE          a backend is down (StoreUnavailable: Redis); retry later
@@ -78,19 +80,40 @@ class NotFoundError(ServiceError, LookupError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+def not_found_message(what: str, ident: str, tenant_id: str) -> str:
+    """The one message for an id the caller's tenant does not have: unknown, or another tenant's.
+
+    Both cases answer the same text (NOT_FOUND), so a tenant cannot learn that another tenant's id exists.
+    """
+    if what.endswith("session_id"):
+        return f"{what}: no session {ident!r} (never created, closed, or reaped)"
+    if what.endswith("avatar_id"):
+        return f"{what}: tenant {tenant_id!r} has no avatar {ident!r}; upload its portrait"
+    return f"{what}: tenant {tenant_id!r} has no {ident!r}"
+
+
 class SessionNotFoundError(NotFoundError):
     def __init__(self, session_id: str) -> None:
-        super().__init__(f"session_id: no session {session_id!r} (never created, closed, or reaped)")
+        super().__init__(not_found_message("session_id", session_id, ""))
         self.session_id = session_id
+
+
+class AvatarNotFoundError(NotFoundError):
+    def __init__(self, tenant_id: str, avatar_id: str, field: str = "avatar_id") -> None:
+        super().__init__(not_found_message(field, avatar_id, tenant_id))
+        self.tenant_id = tenant_id
+        self.avatar_id = avatar_id
 
 
 class PermissionDeniedError(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class TenantMismatchError(PermissionDeniedError):
+class TenantMismatchError(NotFoundError):
+    """Another tenant's session or avatar: NOT_FOUND with the message of an unknown id (never 403: no leak)."""
+
     def __init__(self, what: str, ident: str, tenant_id: str) -> None:
-        super().__init__(f"{what}: {ident!r} does not belong to tenant {tenant_id!r}")
+        super().__init__(not_found_message(what, ident, tenant_id))
 
 
 class CapacityExceededError(ServiceError):

@@ -14,7 +14,11 @@ What is proved here:
 - plain manifests: selectors match pod labels, Services point at named ports that exist,
   referenced ConfigMaps exist, Redis is durable (AOF + PVC), kustomization lists every file;
 - docker-compose.yml: every service has an image or build and a healthcheck, dependencies
-  exist; Dockerfiles are multi-stage, non-root, pinned, with a HEALTHCHECK and no weights.
+  exist; Dockerfiles are multi-stage, non-root, pinned, with a HEALTHCHECK and no weights;
+- the gateway runs in compose, the plain manifests and the chart with the same command, port,
+  probes and Serve application, its settings parse, and every pod that verifies or signs session
+  tokens (Ray pods, the gateway) gets AVATAR_FORCING_AUTH_SECRET from a Secret, never from a
+  ConfigMap or a literal.
 
 Optional, when the tool is installed (skipped otherwise; the checks above always run):
 `docker compose config -q` and offline rendering of the chart with helm-python-sdk.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -96,9 +101,9 @@ def yaml_files() -> list[Path]:
 def test_yaml_files_exist():
     names = {p.relative_to(ROOT).as_posix() for p in yaml_files()}
     for required in ("deploy/serve/config.yaml", "deploy/serve/config.cpu.yaml", "deploy/kuberay/rayservice.yaml",
-                     "deploy/otel/collector.yaml", "docker-compose.yml"):  # fmt: skip
+                     "deploy/otel/collector.yaml", "docker-compose.yml", "deploy/k8s/gateway.yaml"):  # fmt: skip
         assert required in names
-    assert len(list(K8S.glob("*.yaml"))) >= 8
+    assert len(list(K8S.glob("*.yaml"))) >= 9
 
 
 @pytest.mark.parametrize("path", yaml_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -416,7 +421,7 @@ def test_k8s_services_select_pods_with_the_named_ports(k8s_objects):
 def test_k8s_config_references_exist(k8s_objects):
     configmaps = {o["metadata"]["name"] for o in k8s_objects if o["kind"] == "ConfigMap"}
     claims = {o["metadata"]["name"] for o in k8s_objects if o["kind"] == "PersistentVolumeClaim"}
-    example_secrets = {o["metadata"]["name"] for o in load_all(K8S / "secret.example.yaml")}
+    example_secrets = {o["metadata"]["name"]: o["stringData"] for o in load_all(K8S / "secret.example.yaml")}
     templates = [t for _, t in _pod_templates(k8s_objects)] + _ray_pod_templates()
     for template in templates:
         spec = template["spec"]
@@ -426,6 +431,12 @@ def test_k8s_config_references_exist(k8s_objects):
                     assert source["configMapRef"]["name"] in configmaps
                 if "secretRef" in source:
                     assert source["secretRef"]["name"] in example_secrets, "every Secret has a template"
+            for variable in container.get("env", []):
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                if ref is not None:
+                    assert ref["key"] in example_secrets.get(ref["name"], {}), (
+                        f"{variable['name']}: {ref} has no template"
+                    )
         for volume in spec.get("volumes", []):
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in configmaps
@@ -474,7 +485,9 @@ def test_network_policies_select_existing_pods(k8s_objects):
     pods = [t["metadata"]["labels"] for _, t in _pod_templates(k8s_objects)]
     pods += [t["metadata"]["labels"] for t in _ray_pod_templates()]
     policies = [o for o in k8s_objects if o["kind"] == "NetworkPolicy"]
-    assert {"avatar-forcing-redis", "avatar-forcing-ray"} <= {p["metadata"]["name"] for p in policies}
+    assert {"avatar-forcing-redis", "avatar-forcing-ray", "avatar-forcing-gateway"} <= {
+        p["metadata"]["name"] for p in policies
+    }
     for policy in policies:
         selector = policy["spec"]["podSelector"]["matchLabels"]
         assert any(selector.items() <= labels.items() for labels in pods), policy["metadata"]["name"]
@@ -558,7 +571,7 @@ def compose() -> dict:
 
 def test_compose_services(compose):
     services = compose["services"]
-    assert set(services) == {"redis", "ray-head", "otel-collector"}
+    assert set(services) == {"redis", "ray-head", "gateway", "otel-collector"}
     for name, service in services.items():
         assert "image" in service or "build" in service, f"{name}: no image or build"
         test = service.get("healthcheck", {}).get("test")
@@ -585,6 +598,19 @@ def test_compose_services(compose):
     assert weights["read_only"] is True
     collector = services["otel-collector"]
     assert any(v.startswith("./deploy/otel/collector.yaml:") for v in collector["volumes"])
+    gateway = services["gateway"]
+    assert gateway["image"] == ray_head["image"] and gateway["build"] == ray_head["build"], "one image for both"
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert gateway["depends_on"]["ray-head"]["condition"] == "service_started"
+    assert f"{GATEWAY_PORT}:{GATEWAY_PORT}" in gateway["ports"]
+    assert " ".join(gateway["healthcheck"]["test"]).count(f"http://127.0.0.1:{GATEWAY_PORT}/healthz") == 1
+    gateway_env = gateway["environment"]
+    assert gateway_env["AF_GATEWAY_SERVE_TARGET"] == f"ray-head:{env['AF_GRPC_PORT']}"
+    assert gateway_env["AF_GATEWAY_PUBLIC_GRPC_TARGET"] == "127.0.0.1:9000", "what clients on the host dial"
+    assert gateway_env["OTEL_EXPORTER_OTLP_ENDPOINT"] == env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert gateway_env["REDIS_URL"] == env["REDIS_URL"]
+    for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        assert gateway_env[name] == f"${{{name}:-}}", f"{name}: optional, from the host, empty by default"
 
 
 def _docker_compose() -> list[str] | None:
@@ -601,9 +627,17 @@ def test_docker_compose_config_when_the_cli_is_available():
     command = _docker_compose()
     if command is None:
         pytest.skip("no `docker compose` / `docker-compose` CLI here; test_compose_services covers the file")
-    result = subprocess.run([*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60,
-                            cwd=ROOT)  # fmt: skip
+
+    def config(env: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                              timeout=60, cwd=ROOT, env=env)  # fmt: skip
+
+    base = {k: v for k, v in os.environ.items() if k not in REQUIRED_COMPOSE_SECRETS}
+    result = config(base | {name: "x" * 48 for name in REQUIRED_COMPOSE_SECRETS})
     assert result.returncode == 0, result.stderr
+    for missing in REQUIRED_COMPOSE_SECRETS:  # an unset secret stops compose before anything starts
+        result = config(base | {name: "x" * 48 for name in REQUIRED_COMPOSE_SECRETS if name != missing})
+        assert result.returncode != 0 and missing in result.stderr, missing
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])
@@ -660,7 +694,7 @@ def test_chart_metadata():
     assert chart["apiVersion"] == "v2" and chart["name"] == "avatar-forcing"
     for template in ("rayservice.yaml", "serve-grpc-service.yaml", "redis.yaml", "configmap.yaml",
                      "otel-collector.yaml", "weights-pvc.yaml", "networkpolicy.yaml", "servicemonitor.yaml",
-                     "_helpers.tpl", "NOTES.txt"):  # fmt: skip
+                     "gateway.yaml", "_helpers.tpl", "NOTES.txt"):  # fmt: skip
         assert (CHART / "templates" / template).exists(), template
 
 
@@ -703,6 +737,15 @@ INVALID = {
     "a Serve client peer with an unknown key": ("networkPolicy.serveClients", [{"podSelectr": {}}]),
     "an empty Serve client peer": ("networkPolicy.serveClients", [{}]),
     "Serve clients as a mapping": ("networkPolicy.serveClients", {"podSelector": {}}),
+    "no auth Secret": ("auth.existingSecret.name", ""),
+    "auth Secret without a key": ("auth.existingSecret.key", _DELETE),
+    "no gateway admin token Secret": ("gateway.adminToken.existingSecret.name", ""),
+    "gateway port out of range": ("gateway.port", 70000),
+    "gateway port as text": ("gateway.port", "8080"),
+    "zero gateway replicas": ("gateway.replicas", 0),
+    "typo in a gateway key": ("gateway.replica", 2),
+    "gateway public target with a scheme": ("gateway.publicGrpcTarget", "http://serve.example.com:9000"),
+    "LiveKit Secret name not a name": ("gateway.livekitSecretName", "LiveKit Secret"),
 }
 
 
@@ -825,6 +868,29 @@ def test_helm_chart_renders_when_helm_python_is_installed(values):
     assert yaml.safe_load(rayservice["spec"]["serveConfigV2"]) == load(SERVE_CONFIG)
     kinds = {d["kind"] for d in docs}
     assert {"ConfigMap", "Deployment", "Service", "StatefulSet", "NetworkPolicy"} <= kinds
+    # The rendered chart passes the checks the plain manifests pass.
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    ray_pods = [("ray-head", cluster["headGroupSpec"]["template"])]
+    ray_pods += [(g["groupName"], g["template"]) for g in cluster["workerGroupSpecs"]]
+    workloads = [(d["metadata"]["name"], d["spec"]["template"]) for d in docs if d["kind"] == "Deployment"]
+    gateways = [(n, t) for n, t in workloads if t["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"]
+    assert len(gateways) == 1 and len(ray_pods) == 3
+    configmaps = [d for d in docs if d["kind"] == "ConfigMap"]
+    assert auth_secret_problems(ray_pods + gateways, configmaps) == []
+    ((_, gateway),) = gateways
+    check_gateway_pod(gateway, values["gateway"]["port"], values["serve"]["appName"])
+    config = next(d for d in configmaps if d["metadata"]["name"].endswith("-config"))["data"]
+    check_gateway_settings(gateway["spec"]["containers"][0], config)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment" and d["spec"]["template"] is gateway]
+    assert deployment["spec"]["replicas"] == values["gateway"]["replicas"] >= 2
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    labels = gateway["metadata"]["labels"]
+    assert admits(policies["af-avatar-forcing-redis"], labels, 6379)
+    assert admits(policies["af-avatar-forcing-ray"], labels, values["serve"]["grpcPort"])
+    assert admits(policies["af-avatar-forcing-gateway"], {"any": "pod"}, values["gateway"]["port"])
+    off = chart.render(_set(values, "gateway.enabled", False), name="af", namespace="avatar-forcing", is_install=True)
+    off_docs = [d for n, text in off.items() if not n.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    assert not [d for d in off_docs if "gateway" in d["metadata"]["name"]], "gateway.enabled=false leaves objects"
 
 
 def test_ray_workers_run_at_normal_priority_everywhere(compose):
@@ -834,3 +900,285 @@ def test_ray_workers_run_at_normal_priority_everywhere(compose):
     assert k8s["data"]["RAY_worker_niceness"] == "0"
     chart = (ROOT / "helm/avatar-forcing/templates/configmap.yaml").read_text()
     assert 'RAY_worker_niceness: "0"' in chart
+
+
+# --------------------------------------------------------------------------------------------
+# The gateway, and the token secret of every pod that signs or verifies session tokens
+
+GATEWAY_COMMAND = ["python", "-m", "services.gateway"]
+GATEWAY_PORT = 8080
+AUTH_SECRET = "AVATAR_FORCING_AUTH_SECRET"
+ADMIN_TOKEN = "AF_GATEWAY_ADMIN_TOKEN"
+REQUIRED_COMPOSE_SECRETS = (AUTH_SECRET, ADMIN_TOKEN)
+_REQUIRED_FROM_HOST = re.compile(r"\$\{(?P<name>[A-Z_][A-Z0-9_]*):\?[^}]+\}")
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _serve_app_name(path: Path) -> str:
+    (app,) = load(path)["applications"]
+    return app["name"]
+
+
+def _gateway_templates(objects: list[dict]) -> list[tuple[str, dict]]:
+    component = "app.kubernetes.io/component"
+    return [(n, t) for n, t in _pod_templates(objects) if t["metadata"]["labels"].get(component) == "gateway"]
+
+
+def auth_secret_problems(pods: list[tuple[str, dict]], configmaps: list[dict]) -> list[str]:
+    """Every container of these pods (each signs or verifies session tokens) takes
+    AVATAR_FORCING_AUTH_SECRET from a secretKeyRef; a gateway container AF_GATEWAY_ADMIN_TOKEN too,
+    and only a gateway has it. Neither may be a literal, a configMapKeyRef or a ConfigMap key."""
+    found = []
+    for configmap in configmaps:
+        for name in (AUTH_SECRET, ADMIN_TOKEN):
+            if name in (configmap.get("data") or {}):
+                found.append(f"ConfigMap {configmap['metadata']['name']} holds {name}")
+    for pod_name, template in pods:
+        is_gateway = template["metadata"]["labels"].get("app.kubernetes.io/component") == "gateway"
+        for container in template["spec"]["containers"]:
+            where = f"{pod_name}/{container['name']}"
+            env = _env(container)
+            required = (AUTH_SECRET, ADMIN_TOKEN) if is_gateway else (AUTH_SECRET,)
+            if not is_gateway and ADMIN_TOKEN in env:
+                found.append(f"{where}: has {ADMIN_TOKEN}, which only the gateway needs")
+            for name in required:
+                entry = env.get(name)
+                if entry is None:
+                    found.append(f"{where}: no {name}")
+                elif "value" in entry:
+                    found.append(f"{where}: {name} is a literal")
+                else:
+                    ref = entry.get("valueFrom", {}).get("secretKeyRef") or {}
+                    if not (ref.get("name") and ref.get("key")):
+                        found.append(f"{where}: {name} is not from a Secret ({entry.get('valueFrom')})")
+    return found
+
+
+def admits(policy: dict, labels: dict, port: int) -> bool:
+    """Whether a NetworkPolicy's ingress lets a pod with these labels (same namespace) in on port."""
+    for rule in policy["spec"].get("ingress", []):
+        if rule.get("ports") and port not in [p.get("port") for p in rule["ports"]]:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            if "podSelector" in peer and _selects(peer["podSelector"], labels):
+                return True
+            if "podSelector" not in peer and peer.get("namespaceSelector") == {}:
+                return True
+    return False
+
+
+def check_gateway_pod(template: dict, port, app_name: str) -> None:
+    """The gateway's pod: command, port, probes, settings and hardening, wherever it is deployed."""
+    from services.gateway.routes.health import router
+
+    (container,) = template["spec"]["containers"]
+    assert container["args"] == GATEWAY_COMMAND and "command" not in container, "args keep tini as PID 1"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": port}
+    routes = {route.path for route in router.routes}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+        assert path in routes, f"the gateway has no {path}"
+    env = _env(container)
+    assert env["AF_GATEWAY_HOST"]["value"] == "0.0.0.0"
+    assert env["AF_GATEWAY_PORT"]["value"] == str(port)
+    assert env["AF_GATEWAY_SERVE_APP"]["value"] == app_name, "/readyz and routing need the Serve app's name"
+    assert env["AF_GATEWAY_SERVE_TARGET"]["value"].endswith(f"-serve-grpc:{load(SERVE_CONFIG)['grpc_options']['port']}")
+    assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert "emptyDir" in volumes[tmp["name"]], "uploads may spool to /tmp: a writable emptyDir"
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def check_gateway_settings(container: dict, config: dict[str, str]):
+    """GatewaySettings as the container would build them (Secrets replaced by stand-ins)."""
+    from services.gateway.settings import GatewaySettings
+
+    env = dict(config)
+    for entry in container["env"]:
+        env[entry["name"]] = entry.get("value", "s" * 48)  # valueFrom: a Secret's stand-in
+    settings = GatewaySettings.from_env(env)
+    assert (settings.host, settings.port) == ("0.0.0.0", int(env["AF_GATEWAY_PORT"]))
+    assert settings.livekit is None, "LiveKit comes only from its optional Secret"
+    return settings
+
+
+def gateway_variables_read() -> set[str]:
+    """The AF_GATEWAY_* variables services/gateway/settings.py reads."""
+    text = (ROOT / "services" / "gateway" / "settings.py").read_text()
+    names = set(re.findall(r"\"(AF_GATEWAY_[A-Z0-9_]+)\"", text))
+    assert ADMIN_TOKEN in names and "AF_GATEWAY_SERVE_TARGET" in names, "settings.py changed shape"
+    return names
+
+
+def _compose_value(value: str) -> str:
+    """Compose interpolation, with the required secrets replaced by stand-ins."""
+    value = _REQUIRED_FROM_HOST.sub(lambda m: "s" * 48, value)
+    value = re.sub(r"\$\{[A-Z_][A-Z0-9_]*:\+[^}]*\}", "", value)
+    return re.sub(r"\$\{[A-Z_][A-Z0-9_]*:-([^}]*)\}", lambda m: m.group(1), value)
+
+
+def _chart_template_as_yaml(text: str) -> list[dict]:
+    """A chart template with its actions blanked: action-only lines dropped, inline ones "HELM"."""
+    text = re.sub(r"\{\{-?\s*/\*.*?\*/\s*-?\}\}", "", text, flags=re.DOTALL)
+    lines = [line for line in text.splitlines() if not re.fullmatch(r"\s*(\{\{.*?\}\}\s*)+", line)]
+    return [d for d in yaml.safe_load_all(re.sub(r"\{\{.*?\}\}", "HELM", "\n".join(lines))) if d]
+
+
+def test_gateway_runs_the_same_in_compose_k8s_and_the_chart(compose, k8s_objects, values):
+    # docker compose
+    gateway = compose["services"]["gateway"]
+    assert gateway["command"] == GATEWAY_COMMAND
+    env = gateway["environment"]
+    assert env["AF_GATEWAY_HOST"] == "0.0.0.0" and env["AF_GATEWAY_PORT"] == str(GATEWAY_PORT)
+    assert env["AF_GATEWAY_SERVE_APP"] == _serve_app_name(SERVE_CONFIG_CPU)
+    # plain manifests: two replicas behind a Service on the named port
+    ((name, template),) = _gateway_templates(k8s_objects)
+    deployment = next(o for o in k8s_objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+    assert deployment["spec"]["replicas"] == 2, "stateless: two replicas, Redis holds limits and quotas"
+    check_gateway_pod(template, GATEWAY_PORT, _serve_app_name(SERVE_CONFIG))
+    services = {o["metadata"]["name"]: o for o in k8s_objects if o["kind"] == "Service"}
+    assert services["avatar-forcing-gateway"]["spec"]["ports"] == [
+        {"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}
+    ]
+    (container,) = template["spec"]["containers"]
+    target = _env(container)["AF_GATEWAY_SERVE_TARGET"]["value"]
+    service_name, service_port = target.rsplit(":", 1)
+    assert int(service_port) in [p["port"] for p in services[service_name]["spec"]["ports"]], target
+    # the chart: the same container, with values in place of the literals
+    g = values["gateway"]
+    assert g["enabled"] is True and g["port"] == GATEWAY_PORT and g["replicas"] == 2
+    text = (CHART / "templates" / "gateway.yaml").read_text()
+    chart_deployment, chart_service = _chart_template_as_yaml(text)
+    assert (chart_deployment["kind"], chart_service["kind"]) == ("Deployment", "Service")
+    (chart_container,) = chart_deployment["spec"]["template"]["spec"]["containers"]
+    assert chart_container["args"] == GATEWAY_COMMAND and "command" not in chart_container
+    for key in ("readinessProbe", "livenessProbe", "securityContext", "volumeMounts"):
+        assert chart_container[key] == container[key], key
+    assert chart_deployment["spec"]["template"]["spec"]["volumes"] == template["spec"]["volumes"]
+    chart_env = set(_env(chart_container)) | {AUTH_SECRET}  # the auth entry comes from a helper
+    assert chart_env == set(_env(container)), "the chart and the manifests set the same variables"
+    assert 'include "avatar-forcing.authSecretEnv" .' in text
+    assert re.search(r"name: AF_GATEWAY_SERVE_APP\n\s+value: \{\{ \.Values\.serve\.appName \| quote \}\}", text)
+    assert re.search(r"name: AF_GATEWAY_PORT\n\s+value: \{\{ \$g\.port \| quote \}\}", text)
+    assert re.search(r"containerPort: \{\{ \$g\.port \}\}", text)
+
+
+def test_gateway_settings_parse_as_deployed(compose, k8s_objects):
+    compose_env = {k: _compose_value(str(v)) for k, v in compose["services"]["gateway"]["environment"].items()}
+    settings = check_gateway_settings({"env": [{"name": k, "value": v} for k, v in compose_env.items()]}, {})
+    assert settings.serve_target == "ray-head:9000" and settings.public_grpc_target == "127.0.0.1:9000"
+    assert settings.serve_app == _serve_app_name(SERVE_CONFIG_CPU)
+    config = next(o for o in k8s_objects if o["metadata"]["name"] == "avatar-forcing-config")["data"]
+    ((_, template),) = _gateway_templates(k8s_objects)
+    settings = check_gateway_settings(template["spec"]["containers"][0], config)
+    assert settings.service.redis_url == config["REDIS_URL"]
+    # Every AF_GATEWAY_* a deployment sets is one the gateway reads (a typo would be ignored silently).
+    read = gateway_variables_read()
+    chart_text = (CHART / "templates" / "gateway.yaml").read_text()
+    for where, names in (
+        ("docker-compose.yml", set(compose_env)),
+        ("deploy/k8s/gateway.yaml", set(_env(template["spec"]["containers"][0]))),
+        ("the chart", set(re.findall(r"name: (AF_GATEWAY_[A-Z0-9_]+)", chart_text))),
+    ):
+        unknown = {n for n in names if n.startswith("AF_GATEWAY_")} - read
+        assert not unknown, f"{where}: {sorted(unknown)} are not read by services/gateway/settings.py"
+
+
+def test_every_token_verifier_gets_the_auth_secret_from_a_secret(k8s_objects):
+    pods = [(f"ray-{i}", t) for i, t in enumerate(_ray_pod_templates())] + _gateway_templates(k8s_objects)
+    assert len(pods) == 4
+    assert auth_secret_problems(pods, [o for o in k8s_objects if o["kind"] == "ConfigMap"]) == []
+    # ... and that Secret is the one secret.example.yaml documents, with both keys.
+    examples = {o["metadata"]["name"]: o["stringData"] for o in load_all(K8S / "secret.example.yaml")}
+    assert {AUTH_SECRET, ADMIN_TOKEN} <= set(examples["avatar-forcing-auth"])
+    assert set(examples["avatar-forcing-livekit"]) == {"LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"}
+    for _, template in pods:
+        for name, entry in _env(template["spec"]["containers"][0]).items():
+            if name in (AUTH_SECRET, ADMIN_TOKEN):
+                assert entry["valueFrom"]["secretKeyRef"] == {"name": "avatar-forcing-auth", "key": name}
+    ((_, gateway),) = _gateway_templates(k8s_objects)
+    assert {"name": "avatar-forcing-livekit", "optional": True} in [
+        e.get("secretRef") for e in gateway["spec"]["containers"][0]["envFrom"]
+    ]
+
+
+def test_every_token_verifier_gets_the_auth_secret_from_a_secret_in_compose_and_the_chart(compose, values):
+    services = compose["services"]
+    for name in ("ray-head", "gateway"):
+        match = _REQUIRED_FROM_HOST.fullmatch(str(services[name]["environment"][AUTH_SECRET]))
+        assert match and match.group("name") == AUTH_SECRET, f"{name}: {AUTH_SECRET} must be required from the host"
+    match = _REQUIRED_FROM_HOST.fullmatch(str(services["gateway"]["environment"][ADMIN_TOKEN]))
+    assert match and match.group("name") == ADMIN_TOKEN
+    assert ADMIN_TOKEN not in services["ray-head"]["environment"], "only the gateway holds the admin token"
+    for name in ("redis", "otel-collector"):
+        assert AUTH_SECRET not in services[name].get("environment", {}), name
+    # The chart: each Ray container and the gateway include the Secret helper; nothing sets it otherwise.
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    helper = re.search(r'define "avatar-forcing.authSecretEnv" -\}\}(.*?)\{\{- end', helpers, re.DOTALL).group(1)
+    assert yaml.safe_load(re.sub(r"\{\{.*?\}\}", "HELM", helper)) == [
+        {"name": AUTH_SECRET, "valueFrom": {"secretKeyRef": {"name": "HELM", "key": "HELM"}}}
+    ]
+    assert ".Values.auth.existingSecret.name" in helper and ".Values.auth.existingSecret.key" in helper
+    rayservice = (CHART / "templates" / "rayservice.yaml").read_text()
+    containers = re.findall(r"^\s+- name: ray-(?:head|worker)$", rayservice, re.MULTILINE)
+    assert len(containers) == 3
+    assert rayservice.count('include "avatar-forcing.authSecretEnv" .') == len(containers)
+    for path in TEMPLATE_FILES:
+        text = path.read_text()
+        if path.name != "_helpers.tpl":
+            assert f"name: {AUTH_SECRET}" not in text, f"{path.name}: sets {AUTH_SECRET} itself, not via the helper"
+        for name in (AUTH_SECRET, ADMIN_TOKEN):
+            assert not re.search(rf"^\s*{name}\s*:", text, re.MULTILINE), f"{path.name}: {name} as a ConfigMap key"
+            for match in re.finditer(rf"name: {name}\n(\s+)(\S+)", text):
+                assert match.group(2) == "valueFrom:", f"{path.name}: {name} is not from a Secret"
+    assert values["auth"]["existingSecret"] == {"name": "avatar-forcing-auth", "key": AUTH_SECRET}
+    assert values["gateway"]["adminToken"]["existingSecret"] == {"name": "avatar-forcing-auth", "key": ADMIN_TOKEN}
+
+
+def test_network_policies_admit_the_gateway(k8s_objects):
+    policies = {o["metadata"]["name"]: o for o in k8s_objects if o["kind"] == "NetworkPolicy"}
+    ((_, gateway),) = _gateway_templates(k8s_objects)
+    labels = gateway["metadata"]["labels"]
+    assert admits(policies["avatar-forcing-redis"], labels, 6379), "the gateway keeps its state in Redis"
+    assert admits(policies["avatar-forcing-ray"], labels, 9000), "the gateway calls Serve's gRPC proxy"
+    policy = policies["avatar-forcing-gateway"]
+    assert _selects(policy["spec"]["podSelector"], labels)
+    assert admits(policy, {"app": "an-ingress-controller"}, GATEWAY_PORT), "the API is reachable"
+    assert not admits(policy, {"app": "an-ingress-controller"}, 9000), "only the API port is open"
+
+
+def test_the_gateway_checks_can_fail():
+    from_configmap = {"configMapKeyRef": {"name": "cm", "key": AUTH_SECRET}}
+    ray = {"metadata": {"labels": {"app.kubernetes.io/component": "ray"}},
+           "spec": {"containers": [{"name": "c", "env": [{"name": AUTH_SECRET, "value": "x" * 48}]}]}}  # fmt: skip
+    gateway_env = [{"name": AUTH_SECRET, "valueFrom": from_configmap}]
+    gateway = {"metadata": {"labels": {"app.kubernetes.io/component": "gateway"}},
+               "spec": {"containers": [{"name": "c", "env": gateway_env}]}}  # fmt: skip
+    configmap = {"metadata": {"name": "cm"}, "data": {AUTH_SECRET: "x" * 48}}
+    problems = auth_secret_problems([("ray", ray), ("gw", gateway)], [configmap])
+    assert problems == [
+        f"ConfigMap cm holds {AUTH_SECRET}",
+        f"ray/c: {AUTH_SECRET} is a literal",
+        f"gw/c: {AUTH_SECRET} is not from a Secret ({{'configMapKeyRef': {{'name': 'cm', 'key': '{AUTH_SECRET}'}}}})",
+        f"gw/c: no {ADMIN_TOKEN}",
+    ]
+    ray["spec"]["containers"][0]["env"] = [
+        {"name": ADMIN_TOKEN, "valueFrom": {"secretKeyRef": {"name": "a", "key": "b"}}}
+    ]
+    assert auth_secret_problems([("ray", ray)], []) == [
+        f"ray/c: has {ADMIN_TOKEN}, which only the gateway needs",
+        f"ray/c: no {AUTH_SECRET}",
+    ]
+    closed = {"spec": {"ingress": [{"from": [{"podSelector": {"matchLabels": {"component": "ray"}}}]}]}}
+    assert not admits(closed, {"component": "gateway"}, 9000) and admits(closed, {"component": "ray"}, 9000)
+    assert _compose_value("${A:?set A}/${B:-b}/${C:+c}") == "s" * 48 + "/b/"

@@ -12,7 +12,7 @@ from avatar_forcing.sampling.block_sampler import BlockSampler
 from services.common.torch_tensors import decode_torch
 from services.generator.servicer import GeneratorServicer
 from services.store import SessionStore
-from services.wire.errors import CapacityExceededError, FrameConflictError, TenantMismatchError, ValidationError
+from services.wire.errors import CapacityExceededError, FrameConflictError, SessionNotFoundError, ValidationError
 from services.wire.protos import pb
 from services.wire.tensors import encode
 from tests.unit.test_motion_stream import reference, tracks
@@ -137,8 +137,15 @@ def test_bad_requests_get_clear_errors(parity_flow, redis_url, prefix):
         await create(svc.store, "s1")
         await svc.OpenSession(open_request("s1"))
         inputs = tracks(60)
-        with pytest.raises(TenantMismatchError):
+        # Another tenant's session answers exactly as an unknown one: NOT_FOUND, the same message.
+        with pytest.raises(SessionNotFoundError) as foreign:
             await svc.GenerateBlock(block_request("s1", inputs, 0, 10, tenant="other"))
+        with pytest.raises(SessionNotFoundError) as unknown:
+            await svc.GenerateBlock(block_request("s1-unknown", inputs, 0, 10, tenant="other"))
+        assert str(foreign.value) == str(unknown.value).replace("s1-unknown", "s1")
+        with pytest.raises(SessionNotFoundError) as closing:
+            await svc.CloseSession(pb.CloseSessionRequest(session_id="s1", tenant_id="other"))
+        assert str(closing.value) == str(foreign.value)
         with pytest.raises(FrameConflictError, match="expected 0"):
             await svc.GenerateBlock(block_request("s1", inputs, 5, 15))
         with pytest.raises(ValidationError, match=r"options\.nfe"):

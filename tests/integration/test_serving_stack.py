@@ -25,6 +25,7 @@ from avatar_forcing.nn.model import random_model
 from services.common.auth import mint_token
 from services.common.torch_tensors import decode_torch
 from services.serve_app import build_app
+from services.wire.errors import SessionNotFoundError
 from services.wire.protos import grpc_options, pb, pb_grpc, servicer_function
 from services.wire.tensors import encode
 from tests.integration.test_session_pipeline import FRAMES, client_messages, in_process
@@ -278,6 +279,182 @@ def test_bad_requests_get_clear_status_codes_and_the_service_stays_up(stack):
     assert unknown[0] == grpc.StatusCode.NOT_FOUND
     assert shape[0] == grpc.StatusCode.INVALID_ARGUMENT and "user_motion.shape" in shape[1]
     assert malformed[0] == grpc.StatusCode.INVALID_ARGUMENT and "avatar_audio" in malformed[1]
-    assert other_tenant[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert other_tenant[0] == grpc.StatusCode.NOT_FOUND  # never PERMISSION_DENIED: ids do not leak
+    assert other_tenant[1] == str(SessionNotFoundError("bad-1"))
     assert no_token[0] == grpc.StatusCode.UNAUTHENTICATED
     assert ok[0] == grpc.StatusCode.OK  # the service is still up and the session still works
+
+
+async def rpc_status(target, service: str, method: str, request, token: str):
+    """(code, details) of one unary call through the proxy."""
+    async with grpc.aio.insecure_channel(target, options=grpc_options()) as channel:
+        stub = getattr(pb_grpc, f"{service}Stub")(channel)
+        try:
+            await getattr(stub, method)(request, metadata=(("authorization", f"Bearer {token}"),), timeout=60)
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details()
+        return grpc.StatusCode.OK, ""
+
+
+async def stream_status(target, start: pb.Start, token: str):
+    """(code, details) of a Stream that sends only Start (and ends its input)."""
+
+    async def requests():
+        yield pb.ClientMessage(start=start)
+        yield pb.ClientMessage(end_of_input=pb.EndOfInput())
+
+    async with grpc.aio.insecure_channel(target, options=grpc_options()) as channel:
+        call = pb_grpc.AvatarSessionStub(channel).Stream(
+            requests(), metadata=(("authorization", f"Bearer {token}"),), timeout=60
+        )
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details()
+        return grpc.StatusCode.OK, ""
+
+
+def test_every_rpc_answers_another_tenants_session_or_avatar_as_unknown(stack):
+    """Cross-tenant attempts on every public RPC: NOT_FOUND with exactly the message of an unknown id."""
+    target, portrait = stack["target"], (SAMPLES / "portrait.png").read_bytes()
+    acme, evil = mint_token("acme", SECRET, 600), mint_token("evil", SECRET, 600)
+    wave = np.zeros(640 * 10, np.int16).tobytes()
+    crops = encode(np.zeros((1, 64, 64, 3), np.uint8), "crops")
+    latents = encode(np.zeros((1, 512), np.float32), "latents")
+
+    def session_calls(sid: str, tenant: str):
+        ids = {"session_id": sid, "tenant_id": tenant}
+        return [
+            (
+                "AudioFeatures",
+                "Extract",
+                pb.ExtractFeaturesRequest(**ids, source=pb.AVATAR, sample_rate=16000, num_frames=10, pcm_s16le=wave),
+            ),
+            ("MotionEncoder", "EncodeUserMotion", pb.EncodeUserMotionRequest(**ids, crops=crops)),
+            (
+                "MotionGenerator",
+                "OpenSession",
+                pb.OpenSessionRequest(**ids, avatar_id="ava", reference_motion=encode(np.zeros(512, np.float32), "r")),
+            ),
+            ("MotionGenerator", "GenerateBlock", pb.GenerateBlockRequest(**ids, first_frame=0, **features(10, 0))),
+            ("MotionGenerator", "CloseSession", pb.CloseSessionRequest(**ids)),
+            ("FrameDecoder", "Decode", pb.DecodeRequest(**ids, avatar_id="iso-ava", latents=latents)),
+        ]
+
+    async def main():
+        await generator_call(target, "OpenSession", open_request("iso-a"))
+        assert (
+            await rpc_status(
+                target,
+                "MotionEncoder",
+                "EncodePortrait",
+                pb.EncodePortraitRequest(tenant_id="acme", avatar_id="iso-ava", image=portrait),
+                acme,
+            )
+        )[0] == grpc.StatusCode.OK
+        await generator_call(target, "OpenSession", open_request("iso-e", tenant="evil"), tenant="evil")
+        answers = {}
+        # The evil token names acme's session, under either tenant id: as an unknown session.
+        for tenant in ("evil", "acme"):
+            for service, method, request in session_calls("iso-a", tenant):
+                answers[(method, tenant)] = await rpc_status(target, service, method, request, evil)
+        answers["Decode avatar"] = await rpc_status(
+            target,
+            "FrameDecoder",
+            "Decode",
+            pb.DecodeRequest(session_id="iso-e", tenant_id="evil", avatar_id="iso-ava", latents=latents),
+            evil,
+        )
+        answers["Decode no avatar"] = await rpc_status(
+            target,
+            "FrameDecoder",
+            "Decode",
+            pb.DecodeRequest(session_id="iso-e", tenant_id="evil", avatar_id="nope", latents=latents),
+            evil,
+        )
+        answers["EncodePortrait"] = await rpc_status(
+            target,
+            "MotionEncoder",
+            "EncodePortrait",
+            pb.EncodePortraitRequest(tenant_id="acme", avatar_id="iso-ava", image=portrait),
+            evil,
+        )
+        answers["EncodePortrait no tenant"] = await rpc_status(
+            target,
+            "MotionEncoder",
+            "EncodePortrait",
+            pb.EncodePortraitRequest(tenant_id="no-such-tenant", avatar_id="iso-ava", image=portrait),
+            evil,
+        )
+        answers["unknown"] = await rpc_status(target, *session_calls("iso-unknown", "evil")[3], evil)
+        start = pb.Start(session_id="iso-a", output_format=pb.RAW_RGB, portrait=portrait)
+        answers["Stream"] = await stream_status(target, start, evil)
+        answers["Stream unknown"] = await stream_status(
+            target, pb.Start(session_id="iso-unknown", portrait=portrait), evil
+        )
+        answers["Stream avatar"] = await stream_status(target, pb.Start(avatar_id="iso-ava"), evil)
+        answers["Stream no avatar"] = await stream_status(target, pb.Start(avatar_id="nope"), evil)
+        # Nothing of acme's was touched: its session still generates.
+        answers["acme"] = await rpc_status(target, *session_calls("iso-a", "acme")[3], acme)
+        for sid, tenant in (("iso-a", "acme"), ("iso-e", "evil")):
+            await generator_call(
+                target, "CloseSession", pb.CloseSessionRequest(session_id=sid, tenant_id=tenant), tenant=tenant
+            )
+        return answers
+
+    answers = run(main())
+    unknown_session = str(SessionNotFoundError("iso-a"))
+    assert answers["unknown"] == (grpc.StatusCode.NOT_FOUND, str(SessionNotFoundError("iso-unknown")))
+    for method in ("Extract", "EncodeUserMotion", "OpenSession", "GenerateBlock", "CloseSession", "Decode"):
+        for tenant in ("evil", "acme"):
+            assert answers[(method, tenant)] == (grpc.StatusCode.NOT_FOUND, unknown_session), (method, tenant)
+    code, details = answers["Decode avatar"]
+    assert code == grpc.StatusCode.NOT_FOUND and details == answers["Decode no avatar"][1].replace("nope", "iso-ava")
+    assert answers["EncodePortrait"][0] == grpc.StatusCode.NOT_FOUND
+    assert answers["EncodePortrait"][1] == answers["EncodePortrait no tenant"][1].replace("no-such-tenant", "acme")
+    assert answers["Stream"] == (grpc.StatusCode.NOT_FOUND, unknown_session)
+    assert answers["Stream unknown"] == (grpc.StatusCode.NOT_FOUND, str(SessionNotFoundError("iso-unknown")))
+    code, details = answers["Stream avatar"]
+    assert code == grpc.StatusCode.NOT_FOUND and details == answers["Stream no avatar"][1].replace("nope", "iso-ava")
+    assert answers["acme"][0] == grpc.StatusCode.OK
+
+
+def test_a_session_token_reaches_only_its_session(stack):
+    target = stack["target"]
+    portrait = (SAMPLES / "portrait.png").read_bytes()
+    token_a = mint_token("acme", SECRET, 600, session_id="tok-a")
+
+    async def main():
+        for sid in ("tok-a", "tok-b"):
+            await generator_call(target, "OpenSession", open_request(sid))
+        answers = {
+            "other": await stream_status(target, pb.Start(session_id="tok-b", portrait=portrait), token_a),
+            "empty": await stream_status(target, pb.Start(portrait=portrait), token_a),
+            "generate other": await rpc_status(
+                target,
+                "MotionGenerator",
+                "GenerateBlock",
+                pb.GenerateBlockRequest(session_id="tok-b", tenant_id="acme", first_frame=0, **features(10, 0)),
+                token_a,
+            ),
+            "generate own": await rpc_status(
+                target,
+                "MotionGenerator",
+                "GenerateBlock",
+                pb.GenerateBlockRequest(session_id="tok-a", tenant_id="acme", first_frame=0, **features(10, 0)),
+                token_a,
+            ),
+        }
+        for sid in ("tok-a", "tok-b"):
+            await generator_call(target, "CloseSession", pb.CloseSessionRequest(session_id=sid, tenant_id="acme"))
+        return answers
+
+    answers = run(main())
+    assert answers["other"] == (grpc.StatusCode.NOT_FOUND, str(SessionNotFoundError("tok-b")))
+    assert answers["empty"][0] == grpc.StatusCode.INVALID_ARGUMENT and answers["empty"][1].startswith(
+        "start.session_id:"
+    )
+    assert answers["generate other"] == (grpc.StatusCode.NOT_FOUND, str(SessionNotFoundError("tok-b")))
+    assert answers["generate own"][0] == grpc.StatusCode.OK
+    assert session_keys(stack) == []

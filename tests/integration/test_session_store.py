@@ -26,7 +26,6 @@ from services.wire.errors import (
     OwnershipLostError,
     SessionNotFoundError,
     StoreUnavailable,
-    TenantMismatchError,
     ValidationError,
 )
 from tests.redis_support import free_port, keys_with, start_redis, stop_redis
@@ -36,6 +35,14 @@ pytestmark = pytest.mark.integration
 
 def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def _error(operation: Awaitable[Any]) -> BaseException:
+    try:
+        await operation
+    except Exception as exc:
+        return exc
+    raise AssertionError("expected an error")
 
 
 def store(url: str, prefix: str, **kwargs: Any) -> SessionStore:
@@ -54,7 +61,7 @@ def test_create_get_list_and_heartbeat(redis_url: str, prefix: str):
                 "t1",
                 "av1",
                 "room 1",
-                "created",
+                "pending",
             )
             assert record.options == {"block": 10, "nfe": 10}
             assert (record.frame_cursor, record.owner, record.owner_epoch) == (0, "", 0)
@@ -134,7 +141,7 @@ def test_claim_is_a_compare_and_set_with_one_winner(redis_url: str, prefix: str)
                 await s.replica_heartbeat(replica)
             for round_ in range(5):
                 sid = f"s{round_}"
-                await stores[0].create(sid, "t1", "av1")
+                await stores[0].create(sid, "t1", "av1", max_tenant_sessions=0)  # no quota: 5 rounds
                 results = await asyncio.gather(
                     *(s.claim(sid, "t1", r) for s, r in zip(stores, replicas, strict=True)), return_exceptions=True
                 )
@@ -262,13 +269,15 @@ def test_tenants_cannot_see_or_touch_each_other(redis_url: str, prefix: str):
                 s.release("a1", "tenantB", "r1", claim.epoch),
                 s.close("a1", "tenantB"),
             ]
-            for attempt in attempts:
-                with pytest.raises(TenantMismatchError, match="does not belong to tenant 'tenantB'"):
-                    await attempt
+            unknown = await _error(s.get("never-made", "tenantB"))
+            for attempt in attempts:  # another tenant's session answers exactly as an unknown id (no leak)
+                error = await _error(attempt)
+                assert isinstance(error, SessionNotFoundError), error
+                assert str(error) == str(unknown).replace("never-made", "a1")
             record = await s.get("a1", "tenantA")
-            assert (record.frame_cursor, record.owner, record.status) == (0, "r1", "created")
+            assert (record.frame_cursor, record.owner, record.status) == (0, "r1", "pending")
 
-            with pytest.raises(CapacityExceededError, match="limit of 2 sessions"):
+            with pytest.raises(CapacityExceededError, match="limit of 2 concurrent sessions"):
                 await s.create("a3", "tenantA", "av1", max_tenant_sessions=2)
             with pytest.raises(ValidationError) as info:
                 await s.get("a1", "tenant:A")

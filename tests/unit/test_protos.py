@@ -302,8 +302,9 @@ def test_errors_map_to_status_codes_over_grpc():
                 other = await status(
                     pb.DecodeRequest(tenant_id="t2", avatar_id="a", latents=encode(np.zeros((1, 512))))
                 )
-                assert other.code() == grpc.StatusCode.PERMISSION_DENIED
-                assert isinstance(errors.from_rpc_error(other), errors.PermissionDeniedError)
+                assert other.code() == grpc.StatusCode.NOT_FOUND  # never PERMISSION_DENIED: ids do not leak
+                assert isinstance(errors.from_rpc_error(other), errors.NotFoundError)
+                assert other.details() == "avatar_id: tenant 't2' has no avatar 'a'; upload its portrait"
 
                 crash = await status(
                     pb.DecodeRequest(tenant_id="t1", avatar_id="boom", latents=encode(np.zeros((1, 512))))
@@ -341,7 +342,7 @@ def test_errors_map_to_status_codes_over_grpc():
         (errors.SessionNotFoundError("s1"), grpc.StatusCode.NOT_FOUND),
         (errors.CapacityExceededError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.StoreUnavailable("down"), grpc.StatusCode.UNAVAILABLE),
-        (errors.TenantMismatchError("session_id", "s1", "t2"), grpc.StatusCode.PERMISSION_DENIED),
+        (errors.TenantMismatchError("session_id", "s1", "t2"), grpc.StatusCode.NOT_FOUND),
         (errors.OwnershipLostError("moved"), grpc.StatusCode.ABORTED),
         (errors.FrameConflictError("gap"), grpc.StatusCode.FAILED_PRECONDITION),
         (KeyError("oops"), grpc.StatusCode.INTERNAL),

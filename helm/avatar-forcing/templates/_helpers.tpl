@@ -50,6 +50,13 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.gpuImage.repository (default (printf "%s-gpu" .Chart.AppVersion) .Values.gpuImage.tag) -}}
 {{- end -}}
 
+{{/* The gateway's image: gateway.image.* where set, else the CPU image's. */}}
+{{- define "avatar-forcing.gatewayImage" -}}
+{{- $repository := default .Values.image.repository .Values.gateway.image.repository -}}
+{{- $tag := default (default (printf "%s-cpu" .Chart.AppVersion) .Values.image.tag) .Values.gateway.image.tag -}}
+{{- printf "%s:%s" $repository $tag -}}
+{{- end -}}
+
 {{/* Endpoints -------------------------------------------------------------------------------- */}}
 
 {{/* REDIS_URL for the ConfigMap; empty when it comes from a Secret (redisEnv). */}}
@@ -70,6 +77,16 @@ app.kubernetes.io/component: {{ .component }}
       name: {{ .Values.redis.external.existingSecret.name }}
       key: {{ .Values.redis.external.existingSecret.key }}
 {{- end }}
+{{- end -}}
+
+{{/* Container env entry for AVATAR_FORCING_AUTH_SECRET, from the auth Secret (never the ConfigMap):
+     every pod that verifies or signs session tokens (Ray pods, the gateway) lists it. */}}
+{{- define "avatar-forcing.authSecretEnv" -}}
+- name: AVATAR_FORCING_AUTH_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.auth.existingSecret.name }}
+      key: {{ .Values.auth.existingSecret.key }}
 {{- end -}}
 
 {{- define "avatar-forcing.otelEndpoint" -}}

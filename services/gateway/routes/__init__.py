@@ -1,0 +1,1 @@
+"""The gateway's routers: tenants and keys (admin), avatars and sessions (tenant API keys), health."""

@@ -1,0 +1,77 @@
+"""The bridge dispatch stream (P:bridge:dispatch): join/leave orders for LiveKit bridge workers.
+
+The gateway appends one entry per order (`dispatch_bridge`); bridge workers read them through the
+consumer group `DISPATCH_GROUP` (`read_dispatch`, then `ack_dispatch` once an order is carried
+out), so each order is taken by one worker and an order a crashed worker took stays pending for
+another to claim (XAUTOCLAIM). The entry format is the gateway's contract with the bridge:
+`services.gateway.livekit` and docs/gateway.md.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis import exceptions as redis_errors
+
+from services.store.client import StoreClient
+from services.store.keys import KeySchema
+from services.wire.errors import ValidationError
+
+DISPATCH_GROUP = "bridges"
+DISPATCH_MAXLEN = 10_000  # entries kept (approximately): orders are consumed within seconds
+ACTIONS = ("join", "leave")
+
+
+class DispatchOps:
+    """The bridge-dispatch operations of SessionStore."""
+
+    client: StoreClient
+    keys: KeySchema
+
+    async def ensure_dispatch_group(self) -> None:
+        """The stream and its consumer group (from the stream's start), created once; idempotent."""
+        stream = self.keys.bridge_dispatch
+
+        async def create() -> None:
+            try:
+                await self.client.redis.xgroup_create(stream, DISPATCH_GROUP, id="0", mkstream=True)
+            except redis_errors.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+        await self.client.run("ensure_dispatch_group", create)
+
+    async def dispatch_bridge(self, action: str, order: dict[str, Any]) -> str:
+        """Append one order; returns its entry id (the dispatch id)."""
+        if action not in ACTIONS:
+            raise ValidationError("action", f"got {action!r}; expected one of {ACTIONS}")
+        fields = {"action": action, "order": json.dumps(order, sort_keys=True)}
+        stream = self.keys.bridge_dispatch
+        entry = await self.client.run(
+            "dispatch_bridge",
+            lambda: self.client.redis.xadd(stream, fields, maxlen=DISPATCH_MAXLEN, approximate=True),
+        )
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    async def read_dispatch(
+        self, consumer: str, count: int = 10, block_ms: int | None = None
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """New orders for `consumer` of the group: (entry id, action, order), oldest first."""
+        stream = self.keys.bridge_dispatch
+        reply = await self.client.run(
+            "read_dispatch",
+            lambda: self.client.redis.xreadgroup(DISPATCH_GROUP, consumer, {stream: ">"}, count=count, block=block_ms),
+        )
+        orders = []
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                text = {k.decode(): v.decode() for k, v in fields.items()}
+                orders.append((entry_id.decode(), text["action"], json.loads(text["order"])))
+        return orders
+
+    async def ack_dispatch(self, *entry_ids: str) -> int:
+        stream = self.keys.bridge_dispatch
+        redis = self.client.redis
+        acked = await self.client.run("ack_dispatch", lambda: redis.xack(stream, DISPATCH_GROUP, *entry_ids))
+        return int(acked)
