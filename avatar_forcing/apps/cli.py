@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
             "avatar_forcing.diagnostics.resume_drift",
             "a session rebuilt from its history vs uninterrupted",
         ),
+        ("prepare", "avatar_forcing.apps.prepare", "dyadic conversations (JSONL manifest) -> training shards"),
+        ("eval", "avatar_forcing.apps.eval", "motion metrics (rPCC, SID, Var, FD) and engine latency -> JSON"),
+        ("train", "avatar_forcing.apps.train", "diffusion-forcing training or DPO (--dpo), one process or Ray Train"),
     ):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(func=None, run=_module_main(module))

@@ -1,7 +1,11 @@
-"""Flow-matching Euler sampler and classifier-free guidance (model-spec §5).
+"""Flow-matching Euler sampler, classifier-free guidance and forward noising (model-spec §5).
 
-The sampler owns the timestep grid and the update; the network only predicts
-velocities. Nothing here knows about caches or sessions.
+The sampler owns the timestep grid, the update and, for training, the forward process
+(`add_noise`, `velocity_target`): the network only predicts velocities. Nothing here
+knows about caches or sessions.
+
+Convention (one for sampling and training): x_t = (1 - σ)·x0 + σ·ε, velocity v = ε - x0,
+so x0 = x_t - σ·v, which is exactly what `step` uses. σ = 1 is pure noise, σ = 0 clean.
 """
 
 from __future__ import annotations
@@ -65,3 +69,23 @@ class FlowMatchEuler:
         out = ratio * x64 + ((1 - s_next) - ratio * (1 - s)) * x0
         frozen = (s == 0) & (s_next == 0)
         return torch.where(frozen, x64, out).to(x.dtype)
+
+    # Forward noising (training). Grid index i in [0, num_train_timesteps) has sigma 1 - i/(N-1)
+    # and raw timestep N * sigma: index 0 is pure noise, index N - 1 is clean (t = 0).
+
+    def grid_point(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Grid indices (any shape, int64) -> (raw timesteps, sigmas) of the same shape, float32."""
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.num_train_timesteps):
+            raise ValueError(f"grid index: expected values in [0, {self.num_train_timesteps}), got {index}")
+        index = index.cpu()
+        return self.timesteps[index], self.sigmas[index]
+
+    @staticmethod
+    def add_noise(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+        """x_t = (1 - σ)·x0 + σ·ε; sigma broadcasts against x0 (e.g. (B, L, 1) per token)."""
+        return (1 - sigma) * x0 + sigma * noise
+
+    @staticmethod
+    def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
+        """The flow-matching target the network regresses: v = ε - x0 (d x_t / d σ)."""
+        return noise - x0

@@ -1,0 +1,1 @@
+"""Training: data preparation, diffusion forcing, DPO and the trainer."""
