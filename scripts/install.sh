@@ -9,3 +9,4 @@ python=${PYTHON:-python3}
 python -m pip install -q --disable-pip-version-check --upgrade pip
 python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -e ".[dev]"
+python -m pip install -q --disable-pip-version-check -e plugins/livekit  # the LiveKit agent plugin (livekit-agents==1.8.9)
