@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     avatar = parser.add_mutually_exclusive_group(required=True)
     avatar.add_argument("--portrait", type=Path, help="image with the avatar's face (JPEG/PNG)")
     avatar.add_argument("--avatar-id", help="an avatar registered with the gateway")
+    parser.add_argument(
+        "--session-id",
+        default="",
+        help="stream a session created through the gateway (POST /v1/sessions; --token: its session_token)",
+    )
     parser.add_argument("--avatar-audio", type=Path, required=True, help="what the avatar says (sets the length)")
     parser.add_argument("--user-video", type=Path, required=True, help="the user's camera (and voice, if it has audio)")
     parser.add_argument("--user-audio", type=Path, help="the user's voice (default: the user video's audio)")
@@ -216,6 +221,7 @@ async def run_stream(
     out: Path | None = None,
     options: dict[str, Any] | None = None,
     avatar_id: str | None = None,
+    session_id: str = "",
     output_format: int = pb.JPEG,
     credentials: Any = None,
     on_error: Any = "warn",
@@ -230,7 +236,12 @@ async def run_stream(
     stats = stats if stats is not None else Stats()
     async with AvatarClient(target, token, credentials=credentials) as client:
         session = client.session(
-            inputs.portrait, avatar_id=avatar_id, options=options or {}, output_format=output_format, on_error=on_error
+            inputs.portrait,
+            avatar_id=avatar_id,
+            options=options or {},
+            session_id=session_id,
+            output_format=output_format,
+            on_error=on_error,
         )
         async with session as stream:
             stats.started_at = time.monotonic()
@@ -276,6 +287,7 @@ async def stream_session(args: argparse.Namespace, inputs: Inputs) -> Stats:
         out=args.out,
         options=session_options(args),
         avatar_id=args.avatar_id,
+        session_id=args.session_id,
         output_format=pb.RAW_RGB if args.raw else pb.JPEG,
         credentials=grpc.ssl_channel_credentials() if args.tls else None,
         on_error=on_error,
