@@ -1,0 +1,183 @@
+"""The bridge worker: dispatch orders through real Redis (the gateway's stream and consumer group)
+into one process holding several sessions (in-memory rooms, fake session backend, virtual clock)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from livekit import rtc
+
+from services.bridge.backend import FakeBackend, JoinOrder
+from services.bridge.memory_room import MemoryServer, wait_until
+from services.bridge.protocol import PUBLISH_ON_BEHALF
+from services.bridge.worker import BridgeWorker, WorkerSettings
+from services.store import SessionStore
+from tests.bridge.harness import Call, run_virtual, tone
+from tests.integration.virtual_time import VirtualClock
+
+pytestmark = pytest.mark.integration
+
+
+def join_order(i: int, expires_ms: int | None = None) -> dict:
+    sid = f"ses{i}"
+    return {
+        "version": 1,
+        "action": "join",
+        "session_id": sid,
+        "tenant_id": "acme",
+        "avatar_id": "ava",
+        "room": f"room{i}",
+        "livekit_url": "memory://",
+        "bridge_token": "tok",
+        "avatar_identity": f"af-avatar-{sid}",
+        "agent_identity": f"agent{i}",
+        "session_token": "tok",
+        "grpc_target": "127.0.0.1:1",
+        "options": {},
+        "issued_ms": int(time.time() * 1000),
+        "expires_ms": expires_ms if expires_ms is not None else int(time.time() * 1000) + 600_000,
+    }
+
+
+def test_four_sessions_in_one_bridge_process_each_hear_only_their_agent(redis_url, prefix):
+    clock = VirtualClock(1000.0)
+    servers = {f"room{i}": MemoryServer(f"room{i}") for i in range(4)}
+    backend = FakeBackend()
+
+    def room_factory(order: JoinOrder):
+        return servers[order.room].room(
+            order.avatar_identity,
+            rtc.ParticipantKind.PARTICIPANT_KIND_AGENT,
+            **{PUBLISH_ON_BEHALF: order.agent_identity},
+        )
+
+    async def main():
+        store = clock.wrap(SessionStore(redis_url, prefix, timeout_s=5.0))
+        worker = BridgeWorker(
+            store,
+            WorkerSettings(redis_url=redis_url, redis_prefix=prefix, bridge_id="b1", max_sessions=8, block_ms=0),
+            room_factory=room_factory,
+            backend=backend,
+        )
+        await store.ensure_dispatch_group()
+        calls = []
+        for i in range(4):  # the agent side of each room (livekit-agents' DataStreamAudioOutput)
+            call = Call(servers[f"room{i}"], backend, f"ses{i}", f"agent{i}", agent_rate=16000)
+            await call.agent_room.connect()
+            calls.append(call)
+        for i in range(4):
+            await store.dispatch_bridge("join", join_order(i))
+        await store.dispatch_bridge("join", join_order(0))  # a duplicate: idempotent
+        await store.dispatch_bridge("join", join_order(9, expires_ms=1))  # expired: dropped
+        await store.dispatch_bridge("leave", {"session_id": "nobody", "reason": "stopped"})
+        task = asyncio.create_task(worker.run())
+        await wait_until(lambda: len(worker.sessions) == 4, 30)
+        from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+        for call in calls:
+            call.output = DataStreamAudioOutput(
+                call.agent_room,
+                destination_identity=call.order.avatar_identity,
+                wait_remote_track=rtc.TrackKind.KIND_VIDEO,
+                sample_rate=16000,
+            )
+            call.output.on("playback_finished", call.finished.append)
+
+        async def turn(i: int, call: Call) -> None:
+            await call.say(tone(0.2 * (i + 1), rate=16000, freq=200 + 100 * i))
+            await asyncio.wait_for(call.output.wait_for_playout(), 10)
+
+        await asyncio.gather(*(turn(i, c) for i, c in enumerate(calls)))
+        health = worker.health()
+        metrics = worker.metrics_text()
+        sessions = {sid: s for sid, (s, _) in worker.sessions.items()}
+        for i in range(4):
+            await store.dispatch_bridge("leave", {"session_id": f"ses{i}", "reason": "stopped"})
+        await wait_until(lambda: not worker.sessions, 30)
+        await worker.aclose()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return calls, worker, health, metrics, sessions
+
+    with asyncio.Runner(loop_factory=clock.loop) as runner:
+        calls, worker, health, metrics, sessions = runner.run(main())
+    for i, call in enumerate(calls):
+        assert [round(e.playback_position, 3) for e in call.finished] == [round(0.2 * (i + 1), 3)]
+        speech = backend.streams[f"ses{i}"].avatar  # the session's avatar timeline holds its agent's speech only
+        said = tone(0.2 * (i + 1), rate=16000, freq=200 + 100 * i)
+        start = int(np.flatnonzero(speech)[0]) - 1  # the tone starts with a zero sample
+        assert np.array_equal(speech[start : start + said.shape[0]], said)
+        assert not np.any(speech[start + said.shape[0] :]) and not np.any(speech[:start])
+        assert sessions[f"ses{i}"].reason.startswith("left")
+        assert not sessions[f"ses{i}"]._tasks and backend.streams[f"ses{i}"].closed
+    assert health["sessions"] == 4 and health["status"] == "ok"
+    assert "af_bridge_sessions 4" in metrics
+    assert worker.counters["joins_expired"] == 1 and worker.counters["sessions_started"] == 4
+    assert worker.ended["left"] == 4
+    client = redis.Redis.from_url(redis_url)
+    try:
+        pending = client.xpending(f"{prefix}:bridge:dispatch", "bridges")
+    finally:
+        client.close()
+    assert pending["pending"] == 0  # every order was acked
+
+
+def test_a_full_worker_leaves_orders_to_others_and_probes_answer(redis_url, prefix):
+    async def main():
+        store = SessionStore(redis_url, prefix, timeout_s=5.0)
+        servers = {f"room{i}": MemoryServer(f"room{i}") for i in range(3)}
+        worker = BridgeWorker(
+            store,
+            WorkerSettings(redis_url=redis_url, redis_prefix=prefix, bridge_id="b1", max_sessions=2, block_ms=100),
+            room_factory=lambda o: servers[o.room].room(o.avatar_identity, rtc.ParticipantKind.PARTICIPANT_KIND_AGENT),
+            backend=FakeBackend(),
+        )
+        await store.ensure_dispatch_group()
+        for i in range(3):
+            await store.dispatch_bridge("join", join_order(i))
+        probes = await worker.serve_probes(host="127.0.0.1", port=0)
+        port = probes.addresses[0][1]
+        task = asyncio.create_task(worker.run())
+        await wait_until(lambda: len(worker.sessions) == 2, 10)
+        await asyncio.sleep(0.5)
+        held = sorted(worker.sessions)
+        async with httpx.AsyncClient() as http:
+            health = (await http.get(f"http://127.0.0.1:{port}/healthz")).json()
+            metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+        other = await store.read_dispatch("b2", count=10)  # another worker of the group takes the third
+        await worker.aclose()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await probes.cleanup()
+        await store.aclose()
+        return held, health, metrics, other
+
+    held, health, metrics, other = asyncio.run(main())
+    assert held == ["ses0", "ses1"] and health["sessions"] == 2 and health["max_sessions"] == 2
+    assert "af_bridge_max_sessions 2" in metrics
+    assert [order["session_id"] for _, _, order in other] == ["ses2"]
+
+
+def test_worker_settings_from_env(monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://r:6379/3")
+    monkeypatch.setenv("AF_REDIS_PREFIX", "p1")
+    monkeypatch.setenv("AF_BRIDGE_ID", "b7")
+    monkeypatch.setenv("AF_BRIDGE_MAX_SESSIONS", "16")
+    monkeypatch.setenv("AF_BRIDGE_PORT", "9001")
+    s = WorkerSettings.from_env()
+    assert (s.redis_url, s.redis_prefix, s.bridge_id, s.max_sessions, s.port) == (
+        "redis://r:6379/3",
+        "p1",
+        "b7",
+        16,
+        9001,
+    )
+    monkeypatch.setenv("AF_BRIDGE_MAX_SESSIONS", "many")
+    with pytest.raises(ValueError, match="AF_BRIDGE_MAX_SESSIONS"):
+        WorkerSettings.from_env()
+    assert run_virtual  # the harness runs on the virtual clock too
