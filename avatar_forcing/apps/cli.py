@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", "avatar_forcing.apps.prepare", "dyadic conversations (JSONL manifest) -> training shards"),
         ("eval", "avatar_forcing.apps.eval", "motion metrics (rPCC, SID, Var, FD) and engine latency -> JSON"),
         ("train", "avatar_forcing.apps.train", "diffusion-forcing training or DPO (--dpo), one process or Ray Train"),
+        ("synth", "avatar_forcing.synthetic.cli", "synthetic dyadic conversations (faces, voices) -> manifest"),
     ):
         p = sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(func=None, run=_module_main(module))
