@@ -8,10 +8,18 @@ Orders come from the Redis stream P:bridge:dispatch through the consumer group "
   already held is acked and ignored (orders are idempotent).
 - leave: the session, if held, is stopped; acked either way.
 The worker reads only as many orders as it has free session slots (`max_sessions`), so a full
-worker leaves orders to the others of the group. Each session is independent: one failing does
-not touch the others; its room, tasks and buffers are freed when it ends.
+worker leaves orders to the others of the group. Orders a worker read but never acked (it died)
+stay pending in the group: every `claim_interval_s`, a worker with free slots claims those idle
+for `claim_idle_ms` (`SessionStore.claim_dispatch`, XAUTOCLAIM) and carries them out like new
+ones (an expired join is dropped and acked). `claim_idle_ms` is longer than a live worker can hold
+an order unacked (`JOIN_ACK_TIMEOUT_S`), so only orders of dead workers are taken over.
+Each session is independent: one failing does not touch the others; its room, tasks and buffers are freed when it ends.
 
 `/healthz` (and `/metrics`, Prometheus text) on `port` for probes.
+
+SIGTERM (`__main__`): the worker stops reading, ends every session it holds (`worker_stopped`:
+playback reports, end of input, tracks unpublished, room left; a few seconds each, in parallel)
+and exits.
 """
 
 from __future__ import annotations
@@ -51,6 +59,9 @@ class WorkerSettings:
     port: int = 8095
     host: str = "0.0.0.0"
     block_ms: int = 1000  # a blocking read of orders; 0: poll every 0.2 s
+    claim_idle_ms: int = 60_000  # take over orders pending this long (a dead worker's); 0: never
+    claim_interval_s: float = 5.0
+    grpc_target: str = ""  # where sessions stream (Serve's gRPC proxy); "": the order's grpc_target
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -62,7 +73,17 @@ class WorkerSettings:
             max_sessions=_env_int("AF_BRIDGE_MAX_SESSIONS", default.max_sessions),
             port=_env_int("AF_BRIDGE_PORT", default.port),
             host=os.environ.get("AF_BRIDGE_HOST", default.host),
+            claim_idle_ms=_claim_idle_ms(),
+            grpc_target=os.environ.get("AF_BRIDGE_GRPC_TARGET", "").strip(),
         )
+
+
+def _claim_idle_ms() -> int:
+    value = _env_int("AF_BRIDGE_CLAIM_IDLE_MS", WorkerSettings.claim_idle_ms)
+    if 0 < value <= JOIN_ACK_TIMEOUT_S * 1000:  # a live worker's order in its join would be taken
+        least = int(JOIN_ACK_TIMEOUT_S * 1000)
+        raise ValueError(f"AF_BRIDGE_CLAIM_IDLE_MS: got {value}; expected 0 (never) or more than {least}")
+    return value
 
 
 def livekit_room(order: JoinOrder) -> Room:
@@ -99,15 +120,25 @@ class BridgeWorker:
     async def run(self) -> None:
         await self.store.ensure_dispatch_group()
         self.ready = True
+        loop = asyncio.get_running_loop()
+        next_claim = loop.time()  # at start too: a restarted worker takes over what its old self held
         try:
             while not self._stopping.is_set():
                 if not self.free_slots:
                     await asyncio.sleep(0.2)
                     continue
                 try:
-                    orders = await self.store.read_dispatch(
-                        self.settings.bridge_id, count=self.free_slots, block_ms=self.settings.block_ms or None
-                    )
+                    orders = []
+                    if self.settings.claim_idle_ms > 0 and loop.time() >= next_claim:
+                        next_claim = loop.time() + self.settings.claim_interval_s
+                        orders = await self.store.claim_dispatch(
+                            self.settings.bridge_id, self.settings.claim_idle_ms, count=self.free_slots
+                        )
+                        self.counters["orders_claimed"] += len(orders)
+                    if not orders:
+                        orders = await self.store.read_dispatch(
+                            self.settings.bridge_id, count=self.free_slots, block_ms=self.settings.block_ms or None
+                        )
                 except Exception as exc:  # Redis down: retry, keep the sessions running
                     self.counters["dispatch_errors"] += 1
                     log.warning("bridge %s: reading dispatch failed: %r", self.settings.bridge_id, exc)
@@ -139,6 +170,8 @@ class BridgeWorker:
                 await self.store.ack_dispatch(entry_id)
 
     async def _join(self, raw: dict[str, Any]) -> None:
+        if self.settings.grpc_target:
+            raw = {**raw, "grpc_target": self.settings.grpc_target}
         order = JoinOrder.from_order(raw)
         if order.session_id in self.sessions:
             return

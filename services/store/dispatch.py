@@ -2,8 +2,9 @@
 
 The gateway appends one entry per order (`dispatch_bridge`); bridge workers read them through the
 consumer group `DISPATCH_GROUP` (`read_dispatch`, then `ack_dispatch` once an order is carried
-out), so each order is taken by one worker and an order a crashed worker took stays pending for
-another to claim (XAUTOCLAIM). The entry format is the gateway's contract with the bridge:
+out), so each order is taken by one worker and an order a crashed worker took stays pending until
+another claims it (`claim_dispatch`, XAUTOCLAIM once it has been idle long enough). The entry
+format is the gateway's contract with the bridge:
 `services.gateway.livekit` and docs/gateway.md.
 """
 
@@ -63,15 +64,33 @@ class DispatchOps:
             "read_dispatch",
             lambda: self.client.redis.xreadgroup(DISPATCH_GROUP, consumer, {stream: ">"}, count=count, block=block_ms),
         )
-        orders = []
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                text = {k.decode(): v.decode() for k, v in fields.items()}
-                orders.append((entry_id.decode(), text["action"], json.loads(text["order"])))
-        return orders
+        return [_order(entry_id, fields) for _stream, entries in reply or [] for entry_id, fields in entries]
+
+    async def claim_dispatch(
+        self, consumer: str, min_idle_ms: int, count: int = 10
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Orders another consumer read but has not acked for `min_idle_ms`, now `consumer`'s
+        (XAUTOCLAIM from the start of the group's pending list): (entry id, action, order), as
+        `read_dispatch` returns them. A claim resets an entry's idle time, so two claimers never
+        get the same entry within `min_idle_ms`. Pending entries the stream no longer holds
+        (trimmed) are dropped from the pending list by Redis (7+) and not returned."""
+        stream = self.keys.bridge_dispatch
+        redis = self.client.redis
+        reply = await self.client.run(
+            "claim_dispatch",
+            lambda: redis.xautoclaim(stream, DISPATCH_GROUP, consumer, int(min_idle_ms), "0-0", count=count),
+        )
+        entries = reply[1] if reply and len(reply) > 1 else []
+        return [_order(entry_id, fields) for entry_id, fields in entries if entry_id is not None and fields]
 
     async def ack_dispatch(self, *entry_ids: str) -> int:
         stream = self.keys.bridge_dispatch
         redis = self.client.redis
         acked = await self.client.run("ack_dispatch", lambda: redis.xack(stream, DISPATCH_GROUP, *entry_ids))
         return int(acked)
+
+
+def _order(entry_id: bytes | str, fields: dict[bytes, bytes]) -> tuple[str, str, dict[str, Any]]:
+    text = {k.decode(): v.decode() for k, v in fields.items()}
+    entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return entry, text["action"], json.loads(text["order"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import httpx
 import numpy as np
@@ -163,6 +164,67 @@ def test_a_full_worker_leaves_orders_to_others_and_probes_answer(redis_url, pref
     assert [order["session_id"] for _, _, order in other] == ["ses2"]
 
 
+def test_orders_a_dead_worker_left_pending_are_claimed_once_after_min_idle(redis_url, prefix):
+    min_idle_s = 0.8
+    servers = {f"room{i}": MemoryServer(f"room{i}") for i in (0, 1, 9)}
+    started: list[tuple[str, str, float]] = []  # (session, grpc target, when): each room join tried
+
+    def room_factory(order: JoinOrder):
+        started.append((order.session_id, order.grpc_target, time.monotonic()))
+        return servers[order.room].room(order.avatar_identity, rtc.ParticipantKind.PARTICIPANT_KIND_AGENT)
+
+    def worker(store: SessionStore, bridge_id: str) -> BridgeWorker:
+        settings = WorkerSettings(redis_url=redis_url, redis_prefix=prefix, bridge_id=bridge_id, max_sessions=4,
+                                  block_ms=100, claim_idle_ms=int(min_idle_s * 1000), claim_interval_s=0.1,
+                                  grpc_target="serve:9000")  # fmt: skip
+        return BridgeWorker(store, settings, room_factory=room_factory, backend=FakeBackend())
+
+    async def main():
+        store = SessionStore(redis_url, prefix, timeout_s=5.0)
+        await store.ensure_dispatch_group()
+        await store.dispatch_bridge("join", join_order(0))
+        # Valid when read, expired by the time anyone may claim it: dropped and acked, never run.
+        await store.dispatch_bridge("join", join_order(9, expires_ms=int(time.time() * 1000) + 300))
+        dead = await store.read_dispatch("dead", count=10)  # a worker takes both orders, then dies unacked
+        died = time.monotonic()
+        assert [o["session_id"] for _, _, o in dead] == ["ses0", "ses9"]
+        assert await store.claim_dispatch("early", min_idle_ms=60_000) == [], "not idle long enough yet"
+        await store.dispatch_bridge("join", join_order(1))  # a new order, for the live workers
+        workers = [worker(store, "b1"), worker(store, "b2")]
+        tasks = [asyncio.create_task(w.run()) for w in workers]
+
+        def held() -> set[str]:
+            return {sid for w in workers for sid in w.sessions}
+
+        await wait_until(lambda: held() == {"ses0", "ses1"}, 10)
+        await asyncio.sleep(min_idle_s * 2)  # several claim rounds of both workers past min_idle
+        sessions = [sorted(w.sessions) for w in workers]
+        counters = sum((w.counters for w in workers), Counter())
+        again = await store.claim_dispatch("late", min_idle_ms=0)  # nothing is left pending
+        for w in workers:  # (a leave order goes to either worker of the group: stop them instead)
+            await w.aclose()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.aclose()
+        return died, sessions, counters, again
+
+    died, sessions, counters, again = asyncio.run(main())
+    assert sorted(sid for sid, _, _ in started) == ["ses0", "ses1"], "each order ran exactly once"
+    assert not set(sessions[0]) & set(sessions[1]) and set(sessions[0]) | set(sessions[1]) == {"ses0", "ses1"}
+    (claimed_at,) = [when for sid, _, when in started if sid == "ses0"]
+    assert claimed_at - died >= min_idle_s, "taken over only once idle for min_idle"
+    assert {target for _, target, _ in started} == {"serve:9000"}, "AF_BRIDGE_GRPC_TARGET replaces the order's"
+    assert counters["orders_claimed"] == 2 and counters["joins_expired"] == 1
+    assert counters["sessions_started"] == 2 and counters["orders_join"] == 3
+    assert again == []
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.xpending(f"{prefix}:bridge:dispatch", "bridges")["pending"] == 0
+    finally:
+        client.close()
+
+
 def test_worker_settings_from_env(monkeypatch):
     monkeypatch.setenv("REDIS_URL", "redis://r:6379/3")
     monkeypatch.setenv("AF_REDIS_PREFIX", "p1")
@@ -177,6 +239,15 @@ def test_worker_settings_from_env(monkeypatch):
         16,
         9001,
     )
+    assert (s.claim_idle_ms, s.grpc_target) == (60_000, "")
+    monkeypatch.setenv("AF_BRIDGE_CLAIM_IDLE_MS", "90000")
+    monkeypatch.setenv("AF_BRIDGE_GRPC_TARGET", "serve:9000")
+    assert (WorkerSettings.from_env().claim_idle_ms, WorkerSettings.from_env().grpc_target) == (90_000, "serve:9000")
+    monkeypatch.setenv("AF_BRIDGE_CLAIM_IDLE_MS", "5000")  # shorter than a live worker's join may take
+    with pytest.raises(ValueError, match="AF_BRIDGE_CLAIM_IDLE_MS"):
+        WorkerSettings.from_env()
+    monkeypatch.setenv("AF_BRIDGE_CLAIM_IDLE_MS", "0")
+    assert WorkerSettings.from_env().claim_idle_ms == 0
     monkeypatch.setenv("AF_BRIDGE_MAX_SESSIONS", "many")
     with pytest.raises(ValueError, match="AF_BRIDGE_MAX_SESSIONS"):
         WorkerSettings.from_env()

@@ -18,7 +18,11 @@ What is proved here:
 - the gateway runs in compose, the plain manifests and the chart with the same command, port,
   probes and Serve application, its settings parse, and every pod that verifies or signs session
   tokens (Ray pods, the gateway) gets AVATAR_FORCING_AUTH_SECRET from a Secret, never from a
-  ConfigMap or a literal.
+  ConfigMap or a literal;
+- the LiveKit bridge runs in compose, the plain manifests and the chart with the same command,
+  port, probes and variables (each one the worker reads), scaled by its own HorizontalPodAutoscaler
+  (autoscaling/v2, on CPU, targeting its Deployment), with a grace period longer than its shutdown,
+  no token secret, and a NetworkPolicy that lets it out to Redis, Serve's gRPC port and LiveKit only.
 
 Optional, when the tool is installed (skipped otherwise; the checks above always run):
 `docker compose config -q` and offline rendering of the chart with helm-python-sdk.
@@ -101,7 +105,8 @@ def yaml_files() -> list[Path]:
 def test_yaml_files_exist():
     names = {p.relative_to(ROOT).as_posix() for p in yaml_files()}
     for required in ("deploy/serve/config.yaml", "deploy/serve/config.cpu.yaml", "deploy/kuberay/rayservice.yaml",
-                     "deploy/otel/collector.yaml", "docker-compose.yml", "deploy/k8s/gateway.yaml"):  # fmt: skip
+                     "deploy/otel/collector.yaml", "docker-compose.yml", "deploy/k8s/gateway.yaml",
+                     "deploy/k8s/bridge.yaml"):  # fmt: skip
         assert required in names
     assert len(list(K8S.glob("*.yaml"))) >= 9
 
@@ -571,7 +576,7 @@ def compose() -> dict:
 
 def test_compose_services(compose):
     services = compose["services"]
-    assert set(services) == {"redis", "ray-head", "gateway", "otel-collector"}
+    assert set(services) == {"redis", "ray-head", "gateway", "bridge", "otel-collector"}
     for name, service in services.items():
         assert "image" in service or "build" in service, f"{name}: no image or build"
         test = service.get("healthcheck", {}).get("test")
@@ -694,7 +699,7 @@ def test_chart_metadata():
     assert chart["apiVersion"] == "v2" and chart["name"] == "avatar-forcing"
     for template in ("rayservice.yaml", "serve-grpc-service.yaml", "redis.yaml", "configmap.yaml",
                      "otel-collector.yaml", "weights-pvc.yaml", "networkpolicy.yaml", "servicemonitor.yaml",
-                     "gateway.yaml", "_helpers.tpl", "NOTES.txt"):  # fmt: skip
+                     "gateway.yaml", "bridge.yaml", "_helpers.tpl", "NOTES.txt"):  # fmt: skip
         assert (CHART / "templates" / template).exists(), template
 
 
@@ -746,6 +751,15 @@ INVALID = {
     "typo in a gateway key": ("gateway.replica", 2),
     "gateway public target with a scheme": ("gateway.publicGrpcTarget", "http://serve.example.com:9000"),
     "LiveKit Secret name not a name": ("gateway.livekitSecretName", "LiveKit Secret"),
+    "bridge port out of range": ("bridge.port", 0),
+    "zero bridge sessions": ("bridge.maxSessions", 0),
+    "bridge sessions as text": ("bridge.maxSessions", "8"),
+    "zero bridge min replicas": ("bridge.autoscaling.minReplicas", 0),
+    "bridge CPU target above 100%": ("bridge.autoscaling.targetCPUUtilizationPercentage", 150),
+    "typo in a bridge autoscaling key": ("bridge.autoscaling.maxReplica", 4),
+    "bridge grace period too short for its shutdown": ("bridge.terminationGracePeriodSeconds", 5),
+    "no LiveKit egress for the bridge": ("bridge.livekitEgress", []),
+    "typo in a bridge key": ("bridge.maxSession", 8),
 }
 
 
@@ -1120,7 +1134,7 @@ def test_every_token_verifier_gets_the_auth_secret_from_a_secret_in_compose_and_
     match = _REQUIRED_FROM_HOST.fullmatch(str(services["gateway"]["environment"][ADMIN_TOKEN]))
     assert match and match.group("name") == ADMIN_TOKEN
     assert ADMIN_TOKEN not in services["ray-head"]["environment"], "only the gateway holds the admin token"
-    for name in ("redis", "otel-collector"):
+    for name in ("redis", "otel-collector", "bridge"):  # the bridge's orders carry its tokens
         assert AUTH_SECRET not in services[name].get("environment", {}), name
     # The chart: each Ray container and the gateway include the Secret helper; nothing sets it otherwise.
     helpers = (CHART / "templates" / "_helpers.tpl").read_text()
@@ -1182,3 +1196,258 @@ def test_the_gateway_checks_can_fail():
     closed = {"spec": {"ingress": [{"from": [{"podSelector": {"matchLabels": {"component": "ray"}}}]}]}}
     assert not admits(closed, {"component": "gateway"}, 9000) and admits(closed, {"component": "ray"}, 9000)
     assert _compose_value("${A:?set A}/${B:-b}/${C:+c}") == "s" * 48 + "/b/"
+
+
+# --------------------------------------------------------------------------------------------
+# The LiveKit bridge: its own Deployment, scaled by its own HorizontalPodAutoscaler
+
+BRIDGE_COMMAND = ["python", "-m", "services.bridge"]
+BRIDGE_PORT = 8095
+# SIGTERM: the worker ends every session it holds (BridgeSession: playback reports within
+# drain_s, 1 s for the end of input, then the stream closed and the room left), all at once.
+# What a pod's grace period must leave it after its preStop hook (and compose's stop_grace_period).
+BRIDGE_SHUTDOWN_S = 30
+
+
+def _bridge_templates(objects: list[dict]) -> list[tuple[str, dict]]:
+    component = "app.kubernetes.io/component"
+    return [(n, t) for n, t in _pod_templates(objects) if t["metadata"]["labels"].get(component) == "bridge"]
+
+
+def bridge_variables_read() -> set[str]:
+    """The variables services/bridge/worker.py reads (WorkerSettings.from_env)."""
+    text = (ROOT / "services" / "bridge" / "worker.py").read_text()
+    names = set(re.findall(r"(?:environ\.get|_env_int)\(\s*\"([A-Z][A-Z0-9_]*)\"", text))
+    expected = {"REDIS_URL", "AF_REDIS_PREFIX", "AF_BRIDGE_ID", "AF_BRIDGE_MAX_SESSIONS", "AF_BRIDGE_PORT",
+                "AF_BRIDGE_GRPC_TARGET", "AF_BRIDGE_CLAIM_IDLE_MS"}  # fmt: skip
+    assert expected <= names, f"worker.py changed shape: {sorted(names)}"
+    return names
+
+
+def bridge_settings(env: dict[str, str], monkeypatch):
+    """WorkerSettings as the container would build them from this environment."""
+    from services.bridge.worker import WorkerSettings
+
+    for name in bridge_variables_read():
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return WorkerSettings.from_env()
+
+
+def _pre_stop_s(container: dict) -> float:
+    hook = container.get("lifecycle", {}).get("preStop")
+    if not hook:
+        return 0.0
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, f"preStop is not a plain sleep: {command}"
+    return float(command[1])
+
+
+def check_bridge_pod(template: dict, port) -> None:
+    """The bridge's pod: command, port, probes, identity, no token secret, hardening."""
+    (container,) = template["spec"]["containers"]
+    assert container["args"] == BRIDGE_COMMAND and "command" not in container, "args keep tini as PID 1"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+    env = _env(container)
+    assert env["AF_BRIDGE_PORT"]["value"] == str(port)
+    assert env["AF_BRIDGE_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, "one consumer per pod"
+    grpc_port = load(SERVE_CONFIG)["grpc_options"]["port"]
+    assert env["AF_BRIDGE_GRPC_TARGET"]["value"].endswith(f"-serve-grpc:{grpc_port}"), "the in-cluster Service"
+    assert int(env["AF_BRIDGE_MAX_SESSIONS"]["value"]) >= 1
+    assert not {AUTH_SECRET, ADMIN_TOKEN} & set(env), "the bridge holds no token secret: orders carry tokens"
+    secrets = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
+    assert not [n for n in secrets if "auth" in n or "livekit" in n], secrets
+    assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    assert "emptyDir" in volumes[tmp["name"]]
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] and resources["limits"], "the HPA's CPU target is relative to the request"
+    assert template["spec"]["terminationGracePeriodSeconds"] - _pre_stop_s(container) >= BRIDGE_SHUTDOWN_S
+
+
+def check_bridge_hpa(hpa: dict, deployment: dict) -> None:
+    assert hpa["apiVersion"] == "autoscaling/v2" and hpa["kind"] == "HorizontalPodAutoscaler"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"]["type"] == "Utilization"
+    utilization = metric["resource"]["target"]["averageUtilization"]
+    assert utilization == HELM_VALUE or 0 < int(utilization) <= 100
+
+
+HELM_VALUE = "HELM"  # what _chart_template_as_yaml leaves of an inline action
+
+
+def allows_egress(policy: dict, labels: dict, port: int) -> bool:
+    """Whether a NetworkPolicy's egress lets its pods out to a pod with these labels (same namespace) on port."""
+    if "Egress" not in policy["spec"].get("policyTypes", []):
+        return True
+    for rule in policy["spec"].get("egress", []):
+        if rule.get("ports") and port not in [p.get("port") for p in rule["ports"]]:
+            continue
+        if "to" not in rule:
+            return True
+        if any("podSelector" in peer and _selects(peer["podSelector"], labels) for peer in rule["to"]):
+            return True
+    return False
+
+
+def check_bridge_network_policies(policies: dict[str, dict], prefix: str, bridge: dict, pods: dict[str, dict],
+                                  serve_grpc_port: int, port: int) -> None:  # fmt: skip
+    labels = bridge["metadata"]["labels"]
+    assert admits(policies[f"{prefix}-redis"], labels, 6379), "the bridge reads the dispatch stream"
+    assert admits(policies[f"{prefix}-ray"], labels, serve_grpc_port), "the bridge streams sessions to Serve"
+    policy = policies[f"{prefix}-bridge"]
+    assert _selects(policy["spec"]["podSelector"], labels)
+    assert admits(policy, {"app": "prometheus"}, port), "probes and metrics"
+    assert not admits(policy, {"app": "prometheus"}, serve_grpc_port), "only the probe port is open"
+    assert allows_egress(policy, pods["redis"], 6379) and allows_egress(policy, pods["ray"], serve_grpc_port)
+    assert not allows_egress(policy, pods["gateway"], GATEWAY_PORT), "nothing else in the cluster"
+    assert not allows_egress(policy, pods["ray"], 8265), "not the Ray dashboard (it runs code)"
+    blocks = [peer["ipBlock"] for rule in policy["spec"]["egress"] for peer in rule.get("to", []) if "ipBlock" in peer]
+    assert {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"]} in blocks, "LiveKit"
+    dns = [r for r in policy["spec"]["egress"] if "to" not in r]
+    assert dns and {p["port"] for r in dns for p in r["ports"]} == {53}, "DNS, and only DNS, to anywhere"
+
+
+def test_bridge_runs_the_same_in_compose_k8s_and_the_chart(compose, k8s_objects, values, monkeypatch):
+    # docker compose: one image, scalable (no published port), no token secret
+    services = compose["services"]
+    bridge, gateway = services["bridge"], services["gateway"]
+    assert bridge["command"] == BRIDGE_COMMAND
+    assert bridge["image"] == gateway["image"] and bridge["build"] == gateway["build"], "one image"
+    assert "ports" not in bridge, "`docker compose up --scale bridge=N` needs no host port"
+    assert bridge["expose"] == [str(BRIDGE_PORT)]
+    assert bridge["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert bridge["depends_on"]["ray-head"]["condition"] == "service_started"
+    assert " ".join(bridge["healthcheck"]["test"]).count(f"http://127.0.0.1:{BRIDGE_PORT}/healthz") == 1
+    assert bridge["read_only"] is True and bridge["tmpfs"] == ["/tmp"] and bridge["volumes"] == []
+    assert quantity(bridge["stop_grace_period"].rstrip("s")) >= BRIDGE_SHUTDOWN_S
+    env = {k: _compose_value(str(v)) for k, v in bridge["environment"].items()}
+    assert "AF_BRIDGE_ID" not in env, "each container names itself (bridge-<hostname>-<pid>)"
+    gateway_env = gateway["environment"]
+    assert env["REDIS_URL"] == gateway_env["REDIS_URL"] and env["AF_REDIS_PREFIX"] == gateway_env["AF_REDIS_PREFIX"]
+    settings = bridge_settings(env, monkeypatch)
+    assert (settings.port, settings.redis_url, settings.redis_prefix) == (BRIDGE_PORT, env["REDIS_URL"], "af")
+    # the gateway hands out the host's 127.0.0.1:9000; inside compose the bridge dials ray-head
+    assert settings.grpc_target == gateway_env["AF_GATEWAY_SERVE_TARGET"] == "ray-head:9000"
+    # plain manifests: a Deployment the HPA scales, a Service for probes and metrics
+    ((name, template),) = _bridge_templates(k8s_objects)
+    deployment = next(o for o in k8s_objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+    check_bridge_pod(template, BRIDGE_PORT)
+    (hpa,) = [o for o in k8s_objects if o["kind"] == "HorizontalPodAutoscaler"]
+    check_bridge_hpa(hpa, deployment)
+    assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"], "two pods survive one dying"
+    services_k8s = {o["metadata"]["name"]: o for o in k8s_objects if o["kind"] == "Service"}
+    assert services_k8s["avatar-forcing-bridge"]["spec"]["ports"] == [
+        {"name": "http", "port": BRIDGE_PORT, "targetPort": "http"}
+    ]
+    (container,) = template["spec"]["containers"]
+    target = _env(container)["AF_BRIDGE_GRPC_TARGET"]["value"]
+    service_name, service_port = target.rsplit(":", 1)
+    assert int(service_port) in [p["port"] for p in services_k8s[service_name]["spec"]["ports"]], target
+    config = next(o for o in k8s_objects if o["metadata"]["name"] == "avatar-forcing-config")["data"]
+    assert {"configMapRef": {"name": "avatar-forcing-config"}} in container["envFrom"], "REDIS_URL, AF_REDIS_PREFIX"
+    k8s_env = {**config, **{e["name"]: e.get("value", "bridge-0") for e in container["env"]}}
+    settings = bridge_settings({k: v for k, v in k8s_env.items() if k in bridge_variables_read()}, monkeypatch)
+    assert (settings.redis_url, settings.redis_prefix, settings.bridge_id) == (config["REDIS_URL"], "af", "bridge-0")
+    assert settings.port == BRIDGE_PORT and settings.grpc_target == target
+    # the chart: the same container and autoscaler, with values in place of the literals
+    b = values["bridge"]
+    assert b["enabled"] is True and b["port"] == BRIDGE_PORT
+    assert b["maxSessions"] == int(_env(container)["AF_BRIDGE_MAX_SESSIONS"]["value"])
+    assert b["resources"] == container["resources"]
+    assert b["terminationGracePeriodSeconds"] == template["spec"]["terminationGracePeriodSeconds"]
+    scaling = b["autoscaling"]
+    assert (scaling["minReplicas"], scaling["maxReplicas"]) == (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"])
+    assert (
+        scaling["targetCPUUtilizationPercentage"]
+        == hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"]
+    )
+    scale_down = hpa["spec"]["behavior"]["scaleDown"]
+    assert scaling["scaleDownStabilizationSeconds"] == scale_down["stabilizationWindowSeconds"]
+    text = (CHART / "templates" / "bridge.yaml").read_text()
+    chart_deployment, chart_service, chart_hpa = _chart_template_as_yaml(text)
+    assert (chart_deployment["kind"], chart_service["kind"]) == ("Deployment", "Service")
+    check_bridge_hpa(chart_hpa, chart_deployment)
+    assert chart_hpa["spec"]["behavior"] == {**hpa["spec"]["behavior"], "scaleDown": {
+        **hpa["spec"]["behavior"]["scaleDown"], "stabilizationWindowSeconds": "HELM"}}  # fmt: skip
+    (chart_container,) = chart_deployment["spec"]["template"]["spec"]["containers"]
+    assert chart_container["args"] == BRIDGE_COMMAND and "command" not in chart_container
+    for key in ("readinessProbe", "livenessProbe", "securityContext", "volumeMounts", "lifecycle"):
+        assert chart_container[key] == container[key], key
+    assert chart_deployment["spec"]["template"]["spec"]["volumes"] == template["spec"]["volumes"]
+    assert set(_env(chart_container)) == set(_env(container)), "the chart and the manifests set the same variables"
+    assert _env(chart_container)["AF_BRIDGE_ID"] == _env(container)["AF_BRIDGE_ID"]
+    assert chart_service["spec"]["ports"] == [{"name": "http", "port": "HELM", "targetPort": "http"}]
+    assert re.search(r"name: AF_BRIDGE_PORT\n\s+value: \{\{ \$b\.port \| quote \}\}", text)
+    assert re.search(r"name: AF_BRIDGE_MAX_SESSIONS\n\s+value: \{\{ \$b\.maxSessions \| quote \}\}", text)
+    assert re.search(r"containerPort: \{\{ \$b\.port \}\}", text)
+    assert 'printf "%s-serve-grpc:%v" $fullname .Values.serve.grpcPort' in text
+    assert 'include "avatar-forcing.redisEnv" .' in text and "authSecretEnv" not in text
+    assert re.search(r"^\s+AF_REDIS_PREFIX: \"af\"", (CHART / "templates" / "configmap.yaml").read_text(), re.M)
+    # Every variable a deployment sets is one the worker reads (a typo would be ignored silently).
+    read = bridge_variables_read()
+    for where, names in (
+        ("docker-compose.yml", set(env)),
+        ("deploy/k8s/bridge.yaml", set(_env(container))),
+        ("the chart", set(re.findall(r"name: ([A-Z][A-Z0-9_]+)\n\s+value", text)) | set(_env(chart_container))),
+    ):
+        assert not names - read, f"{where}: {sorted(names - read)} are not read by services/bridge/worker.py"
+
+
+def test_network_policies_let_the_bridge_out_to_redis_serve_and_livekit_only(k8s_objects):
+    policies = {o["metadata"]["name"]: o for o in k8s_objects if o["kind"] == "NetworkPolicy"}
+    ((_, bridge),) = _bridge_templates(k8s_objects)
+    pods = {t["metadata"]["labels"]["app.kubernetes.io/component"]: t["metadata"]["labels"]
+            for _, t in _pod_templates(k8s_objects)}  # fmt: skip
+    pods["ray"] = _ray_pod_templates()[0]["metadata"]["labels"]
+    grpc_port = load(SERVE_CONFIG)["grpc_options"]["port"]
+    check_bridge_network_policies(policies, "avatar-forcing", bridge, pods, grpc_port, BRIDGE_PORT)
+    # The others' egress stays open (the bridge's policy is the only one with Egress).
+    assert [n for n, p in policies.items() if "Egress" in p["spec"]["policyTypes"]] == ["avatar-forcing-bridge"]
+
+
+def test_chart_bridge_network_policy_matches_the_manifests():
+    text = (CHART / "templates" / "networkpolicy.yaml").read_text()
+    block = text[text.index("{{- if .Values.bridge.enabled }}") :]
+    (policy,) = _chart_template_as_yaml(block.split("---", 1)[1])
+    plain = next(d for d in load_all(K8S / "networkpolicy.yaml") if d["metadata"]["name"] == "avatar-forcing-bridge")
+    assert policy["spec"]["policyTypes"] == plain["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    # In-cluster and external Redis are both rendered (the template's if/else), DNS and Serve as in the manifests.
+    assert plain["spec"]["egress"][0] in policy["spec"]["egress"]
+    assert "toYaml .Values.bridge.livekitEgress" in block
+    assert load(CHART / "values.yaml")["bridge"]["livekitEgress"] == plain["spec"]["egress"][-1]["to"]
+
+
+def test_the_bridge_checks_can_fail():
+    closed = {"spec": {"policyTypes": ["Egress"], "egress": [
+        {"to": [{"podSelector": {"matchLabels": {"component": "redis"}}}], "ports": [{"port": 6379}]}]}}  # fmt: skip
+    assert allows_egress(closed, {"component": "redis"}, 6379)
+    assert not allows_egress(closed, {"component": "redis"}, 6380) and not allows_egress(closed, {"c": "x"}, 6379)
+    assert allows_egress({"spec": {"policyTypes": ["Ingress"]}}, {"c": "x"}, 1), "no Egress: open"
+    deployment = {"metadata": {"name": "b"}, "spec": {"replicas": 2}}
+    target = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "b"}
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+           "spec": {"scaleTargetRef": target, "metrics": []}}  # fmt: skip
+    with pytest.raises(AssertionError, match="the HPA owns"):
+        check_bridge_hpa(hpa, deployment)
+    with pytest.raises(AssertionError):
+        check_bridge_hpa({**hpa, "spec": {**hpa["spec"], "scaleTargetRef": {"kind": "Deployment", "name": "x"}}},
+                         {"metadata": {"name": "b"}, "spec": {}})  # fmt: skip
+    assert _pre_stop_s({"lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}}}) == 5
+    assert _pre_stop_s({}) == 0

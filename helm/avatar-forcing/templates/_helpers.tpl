@@ -59,6 +59,13 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Endpoints -------------------------------------------------------------------------------- */}}
 
+{{/* The bridge's image: bridge.image.* where set, else the CPU image's. */}}
+{{- define "avatar-forcing.bridgeImage" -}}
+{{- $repository := default .Values.image.repository .Values.bridge.image.repository -}}
+{{- $tag := default (default (printf "%s-cpu" .Chart.AppVersion) .Values.image.tag) .Values.bridge.image.tag -}}
+{{- printf "%s:%s" $repository $tag -}}
+{{- end -}}
+
 {{/* REDIS_URL for the ConfigMap; empty when it comes from a Secret (redisEnv). */}}
 {{- define "avatar-forcing.redisUrl" -}}
 {{- if .Values.redis.inCluster.enabled -}}
