@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from avatar_forcing.engine import session_state
+from avatar_forcing.engine.chunks import condition_span
 from avatar_forcing.engine.history import HistoryBlock, replay_history
 from avatar_forcing.nn.kv_cache import FlowCache
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockResult, BlockSampler, Conditions, pad_frames
@@ -155,8 +156,7 @@ class MotionStream:
         """The next block's request if its inputs are complete, else None."""
         cfg, opts = self.config, self.options
         first = self.cache is None
-        start = 0 if first else self.next_frame - cfg.lookahead
-        stop = cfg.window if first else self.next_frame + opts.block
+        start, stop = condition_span(self.next_frame, first, cfg.window, opts.block, cfg.lookahead)
         if self.total_frames is not None:
             if self.next_frame >= self.frame_offset + self.total_frames:
                 return None

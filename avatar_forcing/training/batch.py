@@ -22,10 +22,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from avatar_forcing.training.conditioning import ConditionContext
 
 TRACKS = ("avatar_motion", "user_motion", "avatar_audio", "user_audio")
 
@@ -96,6 +100,9 @@ class TrainingBatch:
     mask: Tensor  # (B, T) bool, True = a real frame
     keys: list[str]
     loser_motion: Tensor | None = None  # (B, T, D) DPO's less-preferred motion, same windows
+    # The condition frames around each window, for the engine's chunking (the trainer sets it);
+    # None: each window begins its session.
+    context: ConditionContext | None = None
 
     def __len__(self) -> int:
         return self.avatar_motion.shape[0]
@@ -106,6 +113,7 @@ class TrainingBatch:
             *(move(getattr(self, n)) for n in (*TRACKS, "reference_motion", "mask")),
             keys=self.keys,
             loser_motion=move(self.loser_motion),
+            context=move(self.context),
         )
 
 

@@ -29,9 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from avatar_forcing.nn.flow_transformer import FlowTransformer
+from avatar_forcing.nn.flow_transformer import FlowTransformer, additive_mask
 from avatar_forcing.sampling.euler import FlowMatchEuler
 from avatar_forcing.training.batch import TrainingBatch
+from avatar_forcing.training.conditioning import ConditionContext, encode_window_conditions
 
 
 @dataclass(frozen=True)
@@ -92,20 +93,43 @@ def draw_noise(
 
 @dataclass
 class ModelInputs:
-    """Conditions as the network takes them (absent ones zeroed, as in the guidance rows)."""
+    """Conditions as the network takes them (absent ones zeroed, as in the guidance rows).
 
-    avatar_audio: Tensor  # (B, T, A)
-    user_audio: Tensor  # (B, T, A)
-    user_motion: Tensor  # (B, T, D)
+    The tracks hold each session's condition frames around its window, from session frame
+    `origin` (`conditioning.ConditionContext`): the network encodes them chunk by chunk as the
+    engine does (`conditioning.encode_window_conditions`).
+    """
+
+    avatar_audio: Tensor  # (B, Lc, A)
+    user_audio: Tensor  # (B, Lc, A)
+    user_motion: Tensor  # (B, Lc, D)
     reference_motion: Tensor  # (B, D)
+    start: Tensor  # (B,) long: session frame of window frame 0
+    origin: Tensor  # (B,) long: session frame of track frame 0
 
     @staticmethod
     def cat(parts: list[ModelInputs]) -> ModelInputs:
         return ModelInputs(*(torch.cat([getattr(p, n) for p in parts]) for n in ModelInputs.__dataclass_fields__))
 
 
+def batch_context(batch: TrainingBatch) -> ConditionContext:
+    """The batch's condition context; without one, each window begins its session (start 0).
+
+    Then the frames past an example's length repeat its last real frame, as the engine pads.
+    """
+    if batch.context is not None:
+        return batch.context
+    B, T = batch.mask.shape
+    last = (batch.mask.sum(dim=1).clamp(min=1) - 1)[:, None]  # (B, 1)
+    index = torch.minimum(torch.arange(T, device=batch.mask.device)[None, :], last)  # (B, T)
+    pad = lambda x: x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+    zeros = torch.zeros(B, dtype=torch.long, device=batch.mask.device)
+    return ConditionContext(pad(batch.avatar_audio), pad(batch.user_audio), pad(batch.user_motion), zeros, zeros)
+
+
 def full_conditions(batch: TrainingBatch) -> ModelInputs:
-    return ModelInputs(batch.avatar_audio, batch.user_audio, batch.user_motion, batch.reference_motion)
+    c = batch_context(batch)
+    return ModelInputs(c.avatar_audio, c.user_audio, c.user_motion, batch.reference_motion, c.start, c.origin)
 
 
 def drop_conditions(batch: TrainingBatch, config: DiffusionForcingConfig, generator: torch.Generator) -> ModelInputs:
@@ -118,26 +142,44 @@ def drop_conditions(batch: TrainingBatch, config: DiffusionForcingConfig, genera
         keep(config.drop_reference),
     )
     frame = lambda k, x: x * k[:, None, None].to(x.dtype)
+    c = batch_context(batch)
     return ModelInputs(
-        frame(keep_audio, batch.avatar_audio),
-        frame(keep_user, batch.user_audio),
-        frame(keep_user, batch.user_motion),
+        frame(keep_audio, c.avatar_audio),
+        frame(keep_user, c.user_audio),
+        frame(keep_user, c.user_motion),
         batch.reference_motion * keep_ref[:, None].to(batch.reference_motion.dtype),
+        c.start,
+        c.origin,
     )
 
 
 class VelocityModel(nn.Module):
-    """The flow transformer as one `forward` (what DDP wraps): a plain call over whole windows."""
+    """The flow transformer as one `forward` (what DDP wraps): one uncached call over whole windows.
+
+    The conditions are encoded chunk by chunk as the streaming engine encodes them, and each
+    frame's cross-attention sees the chunk that the engine computes it with
+    (`training/conditioning.py`). Frames sit at their absolute session positions.
+    """
 
     def __init__(self, flow: FlowTransformer) -> None:
         super().__init__()
         self.flow = flow
 
     def forward(self, x: Tensor, timesteps: Tensor, inputs: ModelInputs) -> Tensor:
-        """x (B, T, D) noisy latents, timesteps (B, T) -> velocity (B, T, D); frames at positions 0..T-1."""
-        return self.flow.velocity(
-            x, timesteps, inputs.reference_motion, inputs.avatar_audio, inputs.user_audio, inputs.user_motion
+        """x (B, T, D) noisy latents, timesteps (B, T) (0 = clean) -> velocity (B, T, D)."""
+        flow = self.flow
+        cond = encode_window_conditions(
+            flow,
+            inputs.avatar_audio,
+            inputs.user_audio,
+            inputs.user_motion,
+            inputs.start,
+            inputs.origin,
+            timesteps,
         )
+        plan = flow.plan(cond.positions, cond.kv, cond.frames)
+        plan.cross_mask = additive_mask(cond.visible[:, None], plan.cross_mask.dtype)
+        return flow(x, timesteps, inputs.reference_motion, plan=plan).velocity
 
 
 def loss_weights(mask: Tensor, sigmas: Tensor) -> Tensor:

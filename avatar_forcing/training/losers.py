@@ -2,7 +2,9 @@
 
 The loser of a clip is what a talking-only model makes of the avatar's audio alone (paper
 §4.2): the full rollout of `sampling.reference.sample_motion` with user audio and user motion
-zeroed (the sampler's "absent" form) and only audio guidance. By default the model is the
+zeroed (the sampler's "absent" form) and only audio guidance. Its condition chunks are the
+streaming engine's (`engine.chunks.condition_span`): the first window as one chunk, then
+[t - lookahead, t + block) per block, with the cross-attention cache of `BlockSampler`. By default the model is the
 start checkpoint itself ("dropping user conditions"); `DPOConfig.loser_weights` names a
 separately trained talking-only checkpoint instead, as the paper does.
 
@@ -26,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from avatar_forcing.engine.chunks import condition_span
 from avatar_forcing.nn.flow_transformer import FlowTransformer
 from avatar_forcing.sampling.block_sampler import BlockRequest, BlockSampler, Conditions, pad_frames
 from avatar_forcing.sampling.euler import GuidanceScales
@@ -66,12 +69,14 @@ def sample_talking_only(
                 gens.append(noise_generator(seed, examples[i].key))
                 refs.append(examples[i].reference_motion.float())
 
-            def conditions(j: int, a: int, b: int, tracks: list = tracks) -> Conditions:
+            def conditions(j: int, frame: int, first: bool, tracks: list = tracks) -> Conditions:
+                # The engine's condition chunk for the block starting at `frame` (`MotionStream`'s rule).
+                a, b = condition_span(frame, first, cfg.window, cfg.block, cfg.lookahead)
                 return Conditions(*(x[a:b] for x in tracks[j]))
 
             requests = [
                 BlockRequest(
-                    conditions(j, 0, cfg.window),
+                    conditions(j, 0, True),
                     refs[j],
                     torch.randn((cfg.window, cfg.motion_dim), generator=gens[j]),
                     0,
@@ -85,7 +90,7 @@ def sample_talking_only(
             for frame in range(cfg.window, T, cfg.block):
                 requests = [
                     BlockRequest(
-                        conditions(j, frame - cfg.lookahead, frame + cfg.block),
+                        conditions(j, frame, False),
                         refs[j],
                         torch.randn((cfg.block, cfg.motion_dim), generator=gens[j]),
                         frame - cfg.lookahead,

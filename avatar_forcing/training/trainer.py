@@ -32,10 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from avatar_forcing.engine.chunks import ChunkSchedule
 from avatar_forcing.nn.model import AvatarForcing
 from avatar_forcing.sampling.euler import FlowMatchEuler
 from avatar_forcing.training import checkpointing
 from avatar_forcing.training.batch import TrainingBatch, TrainingExample, collate
+from avatar_forcing.training.conditioning import clip_context
 from avatar_forcing.training.diffusion_forcing import DiffusionForcingConfig, VelocityModel, diffusion_forcing_loss
 from avatar_forcing.training.dpo import DPOConfig, dpo_loss
 from avatar_forcing.training.ema import EMA
@@ -197,6 +199,7 @@ class Trainer:
         self.progress = progress and rank == 0
         flow_cfg = model.config.flow
         self.block = flow_cfg.block
+        self.chunks = ChunkSchedule.of(flow_cfg)
         self.window = config.window or flow_cfg.window
         self.scheduler = FlowMatchEuler(flow_cfg.num_train_timesteps)
         if config.precision != "fp32" and self.device.type != "cuda":
@@ -260,16 +263,22 @@ class Trainer:
         return self._windows([self.train_data[int(i)] for i in mine], generator)
 
     def _windows(self, examples: list[TrainingExample], generator: torch.Generator) -> TrainingBatch:
-        windows, losers = [], []
+        """Windows at random block-aligned offsets (the engine's blocks start on that grid), with the
+        condition frames around them that the engine's chunks read (`training/conditioning.py`)."""
+        windows, losers, starts = [], [], []
         for e in examples:
-            spare = e.length - self.window
-            start = int(torch.randint(0, spare + 1, (1,), generator=generator)) if spare > 0 else 0
+            spare = (e.length - self.window) // self.block
+            start = self.block * int(torch.randint(0, spare + 1, (1,), generator=generator)) if spare > 0 else 0
+            starts.append(start)
             windows.append(e.window(start, self.window))
             if self.losers is not None:
                 loser = self.losers[e.key][start : start + self.window].float()
                 missing = self.window - loser.shape[0]
                 losers.append(torch.cat([loser, loser.new_zeros(missing, loser.shape[1])]) if missing > 0 else loser)
-        return collate(windows, losers if self.losers is not None else None).to(self.device)
+        batch = collate(windows, losers if self.losers is not None else None)
+        tracks = [(e.avatar_audio, e.user_audio, e.user_motion) for e in examples]
+        batch.context = clip_context(tracks, [e.length for e in examples], starts, self.window, self.chunks)
+        return batch.to(self.device)
 
     # ---- steps ------------------------------------------------------------------------------
 

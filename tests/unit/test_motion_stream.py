@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,42 +97,56 @@ def test_outputs_are_causal(parity_flow):
     assert not torch.allclose(a[70:], b[70:])
 
 
-def test_state_restored_mid_session_in_a_new_process_continues_identically(parity_flow, tmp_path, single_thread):
-    # Bitwise equality across processes needs the same reduction order in both: one thread each
-    # (with several, the BLAS libraries may use fewer threads on a loaded machine and split sums
-    # differently).
-    sampler = BlockSampler(parity_flow)
-    ref = reference()
-    inputs = tracks(95)
-    uninterrupted = concat(feed_randomly(MotionStream(sampler, ref, seed=11), inputs))
-
-    stream = MotionStream(sampler, ref, seed=11)
-    stream.push(*(x[:63] for x in inputs.values()))  # mid-block: 3 frames of the next block buffered
-    first = stream.pull()
-    (tmp_path / "state.bin").write_bytes(stream.to_bytes())
-    torch.save({k: v[63:] for k, v in inputs.items()}, tmp_path / "rest.pt")
-    script = textwrap.dedent(
-        f"""
+def test_state_restored_mid_session_in_a_new_process_continues_identically(tmp_path):
+    # Both halves run in fresh processes with one thread each: bitwise equality needs the same
+    # reduction order on both sides, and nothing an earlier test cached in this process.
+    prelude = textwrap.dedent(
+        """
         import torch
         torch.set_num_threads(1)
-        from avatar_forcing.sampling.block_sampler import BlockSampler
         from avatar_forcing.config import tiny
-        from avatar_forcing.nn.flow_transformer import FlowTransformer
         from avatar_forcing.engine.motion_stream import MotionStream
+        from avatar_forcing.nn.flow_transformer import FlowTransformer
+        from avatar_forcing.sampling.block_sampler import BlockSampler
         from tests.parity_weights import fill_module
         model = FlowTransformer(tiny().flow).eval()
         fill_module(model, "flow_transformer.", "flow_transformer")
-        stream = MotionStream.from_bytes(BlockSampler(model), open(r"{tmp_path / "state.bin"}", "rb").read())
-        rest = torch.load(r"{tmp_path / "rest.pt"}")
-        stream.push(**rest)
-        stream.finish()
-        blocks = stream.pull()
-        torch.save([(b.frame_index, b.latents) for b in blocks], r"{tmp_path / "out.pt"}")
+        sampler = BlockSampler(model)
         """
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
-    resumed = [b.latents for b in first] + [lat for _, lat in torch.load(tmp_path / "out.pt")]
-    assert torch.equal(torch.cat(resumed), uninterrupted)
+    first_half = textwrap.dedent(
+        f"""
+        inputs = torch.load(r"{tmp_path / "inputs.pt"}")
+        ref = torch.load(r"{tmp_path / "ref.pt"}")
+        whole = MotionStream(sampler, ref, seed=11)
+        whole.push(**inputs)
+        whole.finish()
+        uninterrupted = torch.cat([b.latents for b in whole.pull()])
+        stream = MotionStream(sampler, ref, seed=11)
+        stream.push(**{{k: v[:63] for k, v in inputs.items()}})  # mid-block: 3 frames of the next block buffered
+        first = [b.latents for b in stream.pull()]
+        open(r"{tmp_path / "state.bin"}", "wb").write(stream.to_bytes())
+        torch.save((uninterrupted, first), r"{tmp_path / "first.pt"}")
+        """
+    )
+    second_half = textwrap.dedent(
+        f"""
+        inputs = torch.load(r"{tmp_path / "inputs.pt"}")
+        stream = MotionStream.from_bytes(sampler, open(r"{tmp_path / "state.bin"}", "rb").read())
+        stream.push(**{{k: v[63:] for k, v in inputs.items()}})
+        stream.finish()
+        torch.save([b.latents for b in stream.pull()], r"{tmp_path / "rest.pt"}")
+        """
+    )
+    torch.save(tracks(95), tmp_path / "inputs.pt")
+    torch.save(reference(), tmp_path / "ref.pt")
+    root = str(Path(__file__).resolve().parents[2])
+    for script in (first_half, second_half):
+        subprocess.run([sys.executable, "-c", prelude + script], check=True, cwd=root)
+    uninterrupted, first = torch.load(tmp_path / "first.pt")
+    rest = torch.load(tmp_path / "rest.pt")
+    assert first and rest, "the state was taken mid-session: blocks on both sides of it"
+    assert torch.equal(torch.cat(first + rest), uninterrupted)
 
 
 def test_long_session_beyond_1024_frames(parity_flow):
