@@ -111,6 +111,8 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, rate
     uncached_block(sampler, stream, history)
     uncached = timed(lambda: uncached_block(sampler, stream, history), device, args.blocks)
 
+    on_cpu_fp32 = device.type == "cpu" and dtype == torch.float32  # the portrait helpers' path
+    stages = stage_times(model, config, args, device, dtype) if args.stages and on_cpu_fp32 else {}
     decode_s = float("nan")
     if args.decode:
         mae = model.motion_autoencoder
@@ -139,7 +141,47 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, rate
         if args.decode
         else float("nan"),
     }
+    if stages:
+        figures |= {f"{stage}_ms_per_block": ms for stage, ms in stages.items()}
+        figures["generate_ms_per_block"] = block_s * 1e3
+        total_ms = sum(stages.values()) + block_s * 1e3
+        figures["all_stages_ms_per_block"] = total_ms
+        figures["realtime_factor_all_stages"] = block_seconds_of_video * 1e3 / total_ms
     return figures
+
+
+def stage_times(model, config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Median service time of one block (ms) in each model stage besides generation, as the
+    services run them: streaming audio features of one block of 16 kHz audio (AudioFeatures),
+    user motion from one block of face crops (MotionEncoder), frames from one block of latents
+    (FrameDecoder). One process, so no RPC or queueing: what a replica's compute costs."""
+    # Imported here: the portrait helpers pull in OpenCV, which the generation figures do not need.
+    import numpy as np
+
+    from avatar_forcing.config import SAMPLES_PER_FRAME
+    from avatar_forcing.engine import portrait as portraits
+    from avatar_forcing.engine.streaming_audio import StreamingAudioFeatures
+
+    mae = model.motion_autoencoder
+    size = config.motion_autoencoder.image_size
+    rng = np.random.default_rng(0)
+    audio = StreamingAudioFeatures(model.audio_encoder)
+    audio.push(rng.standard_normal(2 * config.fps * SAMPLES_PER_FRAME).astype(np.float32) * 0.1)  # 2 s of context
+    chunk = lambda: rng.standard_normal(args.block * SAMPLES_PER_FRAME).astype(np.float32) * 0.1
+    crops = rng.integers(0, 256, (args.block, size, size, 3), dtype=np.uint8)
+    portrait = portraits.encode_portrait(mae, crops[0])
+    latents = portrait.identity.float().cpu() + torch.randn(args.block, config.flow.motion_dim)
+    calls = {
+        "audio_features": lambda: audio.push(chunk()),
+        "encode_user_motion": lambda: portraits.encode_user_motion(mae, crops),
+        "decode_frames": lambda: portraits.decode_frames(mae, portrait, latents),
+    }
+    times = {}
+    with torch.no_grad():
+        for stage, call in calls.items():
+            call()  # warm-up
+            times[stage] = statistics.median(timed(call, device, args.blocks)) * 1e3
+    return times
 
 
 def _probe_request(stream: MotionStream, block: int) -> BlockRequest:
@@ -163,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decoder figures")
+    parser.add_argument(
+        "--no-stages", dest="stages", action="store_false", help="skip the per-stage service times (CPU fp32 only)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -111,3 +111,20 @@ def test_serving_commands_are_registered_by_their_packages(command, option, caps
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert option in capsys.readouterr().out
+
+
+def test_bench_reports_every_stage_and_their_sum():
+    import argparse
+    import math
+
+    import torch
+
+    from avatar_forcing.config import preset
+    from avatar_forcing.diagnostics.bench import stage_times
+    from avatar_forcing.nn.model import random_model
+
+    config = preset("tiny")
+    args = argparse.Namespace(block=10, blocks=1)
+    times = stage_times(random_model(config), config, args, torch.device("cpu"), torch.float32)
+    assert set(times) == {"audio_features", "encode_user_motion", "decode_frames"}
+    assert all(math.isfinite(ms) and ms > 0 for ms in times.values()), times
