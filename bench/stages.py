@@ -4,6 +4,7 @@ JPEG), sent through Serve's gRPC proxy to the ingress, which forwards it to the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from bench.media import Media
 from bench.sessions import SessionResult
 from bench.stack import BenchStack
 from bench.stats import fmt, p50_p95, table
+from services.store import SessionStore
 
 
 @dataclass
@@ -84,81 +86,91 @@ async def measure_stages(stack: BenchStack, media: Media, repeats: int = 30, war
             figures.append(StageFigure(name, request.ByteSize(), response.ByteSize(), ms))
             return response
 
-        avatar_request = extract(window, pb.AVATAR)
-        avatar_features = await stage("AudioFeatures.Extract (4 s context + 10 frames)", audio.Extract, avatar_request)
-        user_features = await audio.Extract(extract(user_window, pb.USER), metadata=md, timeout=60)
-        motion_request = pb.EncodeUserMotionRequest(
-            session_id=sid,
-            tenant_id=tenant,
-            first_frame=first,
-            crops=encode(crops, "crops", max_bytes=Limit.MAX_CROPS_TENSOR_BYTES),
-        )
-        label = f"MotionEncoder.EncodeUserMotion (10 crops {size}x{size})"
-        user_motion = await stage(label, motion.EncodeUserMotion, motion_request)
+        # The stages serve only sessions that exist (services.ingress.access): the portrait first,
+        # then the session's record, as the ingress makes them.
         portrait = await stage(
             "MotionEncoder.EncodePortrait (once per session)",
             motion.EncodePortrait,
             pb.EncodePortraitRequest(tenant_id=tenant, image=media.portrait),
             n=max(5, repeats // 3),
         )
-
-        await generator.OpenSession(
-            pb.OpenSessionRequest(
+        store = SessionStore(stack.redis_url, stack.prefix)
+        await store.create(sid, tenant, portrait.avatar_id, status="active")
+        try:
+            avatar_request = extract(window, pb.AVATAR)
+            label = "AudioFeatures.Extract (4 s context + 10 frames)"
+            avatar_features = await stage(label, audio.Extract, avatar_request)
+            user_features = await audio.Extract(extract(user_window, pb.USER), metadata=md, timeout=60)
+            motion_request = pb.EncodeUserMotionRequest(
                 session_id=sid,
                 tenant_id=tenant,
-                avatar_id=portrait.avatar_id,
-                options=pb.SessionOptions(warm_start=True, seed=1),
-                reference_motion=portrait.reference_motion,
-            ),
-            metadata=md,
-            timeout=60,
-        )
-        cursor = 0
-        latents = None
-        try:
-            for label, max_nfe, hold, n in (
-                ("MotionGenerator.GenerateBlock (10 frames, nfe 10)", 0, False, repeats),
-                ("MotionGenerator.GenerateBlock (REDUCED_NFE: nfe 5)", 5, False, max(5, repeats // 3)),
-                ("MotionGenerator.GenerateBlock (HELD_FRAME: hold)", 0, True, max(5, repeats // 3)),
-            ):
-                times = []
-                request = None
-                for i in range(warmup + n):
-                    request = pb.GenerateBlockRequest(
-                        session_id=sid,
-                        tenant_id=tenant,
-                        first_frame=cursor,
-                        avatar_audio=avatar_features.features,
-                        user_audio=user_features.features,
-                        user_motion=user_motion.latents,
-                        max_nfe=max_nfe,
-                        hold=hold,
-                    )
-                    start = time.perf_counter()
-                    response = await generator.GenerateBlock(request, metadata=md, timeout=60)
-                    elapsed = (time.perf_counter() - start) * 1000.0
-                    cursor = response.next_input_frame
-                    if i >= warmup:
-                        times.append(elapsed)
-                    if not hold:
-                        latents = response.latents
-                figures.append(StageFigure(label, request.ByteSize(), response.ByteSize(), times))
-        finally:
-            await generator.CloseSession(pb.CloseSessionRequest(session_id=sid, tenant_id=tenant), metadata=md)
+                first_frame=first,
+                crops=encode(crops, "crops", max_bytes=Limit.MAX_CROPS_TENSOR_BYTES),
+            )
+            label = f"MotionEncoder.EncodeUserMotion (10 crops {size}x{size})"
+            user_motion = await stage(label, motion.EncodeUserMotion, motion_request)
 
-        for label, image_format in (("RAW_RGB", pb.RAW_RGB), ("JPEG", pb.JPEG)):
-            await stage(
-                f"FrameDecoder.Decode (10 latents -> {label} {size}x{size})",
-                decoder.Decode,
-                pb.DecodeRequest(
+            await generator.OpenSession(
+                pb.OpenSessionRequest(
                     session_id=sid,
                     tenant_id=tenant,
                     avatar_id=portrait.avatar_id,
-                    latents=latents,
-                    first_frame=0,
-                    format=image_format,
+                    options=pb.SessionOptions(warm_start=True, seed=1),
+                    reference_motion=portrait.reference_motion,
                 ),
+                metadata=md,
+                timeout=60,
             )
+            cursor = 0
+            latents = None
+            try:
+                for label, max_nfe, hold, n in (
+                    ("MotionGenerator.GenerateBlock (10 frames, nfe 10)", 0, False, repeats),
+                    ("MotionGenerator.GenerateBlock (REDUCED_NFE: nfe 5)", 5, False, max(5, repeats // 3)),
+                    ("MotionGenerator.GenerateBlock (HELD_FRAME: hold)", 0, True, max(5, repeats // 3)),
+                ):
+                    times = []
+                    request = None
+                    for i in range(warmup + n):
+                        request = pb.GenerateBlockRequest(
+                            session_id=sid,
+                            tenant_id=tenant,
+                            first_frame=cursor,
+                            avatar_audio=avatar_features.features,
+                            user_audio=user_features.features,
+                            user_motion=user_motion.latents,
+                            max_nfe=max_nfe,
+                            hold=hold,
+                        )
+                        start = time.perf_counter()
+                        response = await generator.GenerateBlock(request, metadata=md, timeout=60)
+                        elapsed = (time.perf_counter() - start) * 1000.0
+                        cursor = response.next_input_frame
+                        if i >= warmup:
+                            times.append(elapsed)
+                        if not hold:
+                            latents = response.latents
+                    figures.append(StageFigure(label, request.ByteSize(), response.ByteSize(), times))
+                # Decoded while the session exists: CloseSession ends its record.
+                for label, image_format in (("RAW_RGB", pb.RAW_RGB), ("JPEG", pb.JPEG)):
+                    await stage(
+                        f"FrameDecoder.Decode (10 latents -> {label} {size}x{size})",
+                        decoder.Decode,
+                        pb.DecodeRequest(
+                            session_id=sid,
+                            tenant_id=tenant,
+                            avatar_id=portrait.avatar_id,
+                            latents=latents,
+                            first_frame=0,
+                            format=image_format,
+                        ),
+                    )
+            finally:
+                await generator.CloseSession(pb.CloseSessionRequest(session_id=sid, tenant_id=tenant), metadata=md)
+        finally:
+            with contextlib.suppress(Exception):
+                await store.close(sid, tenant)
+            await store.aclose()
     return figures
 
 
