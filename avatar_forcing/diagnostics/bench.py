@@ -112,7 +112,8 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, rate
     uncached = timed(lambda: uncached_block(sampler, stream, history), device, args.blocks)
 
     on_cpu_fp32 = device.type == "cpu" and dtype == torch.float32  # the portrait helpers' path
-    stages = stage_times(model, config, args, device, dtype) if args.stages and on_cpu_fp32 else {}
+    # Callers with their own argument set (the eval report) get the generation figures only.
+    stages = stage_times(model, config, args, device, dtype) if getattr(args, "stages", False) and on_cpu_fp32 else {}
     decode_s = float("nan")
     if args.decode:
         mae = model.motion_autoencoder
