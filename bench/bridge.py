@@ -157,19 +157,15 @@ def fake_run(seconds: float) -> dict[str, Any]:
 
 def stack_run(seconds: float) -> dict[str, Any]:
     """The real stack (tiny, CPU): gateway -> tenant, key, avatar, session; the bridge streams it."""
-    import os
-
     import httpx
 
     from services.bridge.backend import GrpcBackend, JoinOrder
-    from services.gateway.settings import ADMIN_TOKEN_ENV
     from services.local.launcher import start_local
     from services.local.warmup import sample_inputs
     from services.store.inspection import delete_namespace
     from services.wire.images import portrait_bytes
 
     admin_token = "bench-admin-" + secrets.token_hex(24)
-    os.environ[ADMIN_TOKEN_ENV] = admin_token
     prefix = f"bench-br-{uuid.uuid4().hex[:8]}"
     print("starting the tiny stack (a minute or two)...", file=sys.stderr)
     service = start_local(
@@ -181,6 +177,7 @@ def stack_run(seconds: float) -> dict[str, Any]:
         start_redis_if_down=True,
         warm=True,
         gateway_port=0,
+        gateway_admin_token=admin_token,
         log=lambda message: None,
     )
     try:

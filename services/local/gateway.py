@@ -43,11 +43,17 @@ class LocalGateway:
 
 
 def start_gateway(
-    secret: str, grpc_target: str, redis_url: str, prefix: str | None = None, host: str = "127.0.0.1", port: int = 0
+    secret: str,
+    grpc_target: str,
+    redis_url: str,
+    prefix: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    admin_token: str | None = None,
 ) -> LocalGateway:
     """Start the gateway (in this process) against Serve at `grpc_target` and the services' Redis
     (`prefix` None: the environment's), then make the demo tenant."""
-    admin_token = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    admin_token = (admin_token or os.environ.get(ADMIN_TOKEN_ENV, "")).strip()
     generated = not admin_token
     if generated:
         admin_token = "dev-admin-" + secrets.token_urlsafe(32)

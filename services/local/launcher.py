@@ -140,6 +140,7 @@ def start_local(
     token_ttl_s: float = DEV_TOKEN_TTL_S,
     ready_timeout_s: float = 600.0,
     gateway_port: int | None = None,
+    gateway_admin_token: str | None = None,
     warm: bool = True,
     app_args: dict[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
@@ -151,7 +152,8 @@ def start_local(
     file's ports. `warm`: run the warm-up sessions (`services.local.warmup`) before returning.
     `app_args` are further `services.app.build_app` arguments, `env` further
     environment for the replicas. `gateway_port` (0: a free one): also run the gateway there, with
-    a demo tenant (`services.local.gateway`). On any failure what was started is stopped again."""
+    a demo tenant (`services.local.gateway`); `gateway_admin_token` None: AF_GATEWAY_ADMIN_TOKEN, else
+    a random one. On any failure what was started is stopped again."""
     preset = config or default_preset()
     if preset not in PRESETS:
         raise LauncherError(f"--config: got {preset!r}; expected one of {PRESETS}", exit_code=2)
@@ -213,7 +215,9 @@ def start_local(
         if gateway_port is not None:
             log("gateway: starting")
             prefix = (app_args or {}).get("redis_prefix")
-            gateway = start_gateway(secret, grpc_target, url, prefix, port=gateway_port)
+            gateway = start_gateway(
+                secret, grpc_target, url, prefix, port=gateway_port, admin_token=gateway_admin_token
+            )
         return LocalService(
             grpc_target=grpc_target,
             http_url=http_url,

@@ -23,7 +23,6 @@ from services.bridge.protocol import PUBLISH_ON_BEHALF
 from services.bridge.runner import BridgeSettings
 from services.bridge.worker import BridgeWorker, WorkerSettings
 from services.client.audio import to_pcm16
-from services.gateway.settings import ADMIN_TOKEN_ENV
 
 pytestmark = pytest.mark.integration
 ADMIN_TOKEN = "bridge-admin-" + secrets.token_hex(24)
@@ -47,8 +46,8 @@ def stack():
     if ray.is_initialized():
         pytest.skip("Ray is already initialised in this process")
     prefix = f"br-{uuid.uuid4().hex[:8]}"
-    saved = {k: os.environ.get(k) for k in [ADMIN_TOKEN_ENV, *LIVEKIT_ENV]}
-    os.environ.update({ADMIN_TOKEN_ENV: ADMIN_TOKEN, **LIVEKIT_ENV})
+    saved = {k: os.environ.get(k) for k in LIVEKIT_ENV}
+    os.environ.update(LIVEKIT_ENV)
     try:
         service = start_local(
             "tiny",
@@ -59,6 +58,7 @@ def stack():
             start_redis_if_down=True,
             warm=False,
             gateway_port=0,
+            gateway_admin_token=ADMIN_TOKEN,
             log=lambda message: None,
         )
     finally:

@@ -8,7 +8,6 @@ One stack for the module (it takes a minute or two to start on 2 cores)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 import uuid
@@ -17,7 +16,6 @@ import httpx
 import pytest
 
 from services.client import AvatarClient
-from services.gateway.settings import ADMIN_TOKEN_ENV
 from services.wire.errors import ServiceError
 
 pytestmark = pytest.mark.integration
@@ -37,25 +35,18 @@ def stack():
     secret = secrets.token_hex(32)
     prefix = f"gw-{uuid.uuid4().hex[:8]}"
     # The gateway the launcher starts (`avatar-forcing serve` does the same), with our admin token.
-    previous = os.environ.get(ADMIN_TOKEN_ENV)
-    os.environ[ADMIN_TOKEN_ENV] = ADMIN_TOKEN
-    try:
-        service = start_local(
-            "tiny",
-            grpc_port=0,
-            http_port=0,
-            auth_secret=secret,
-            app_args={"redis_prefix": prefix, "degrade": True},
-            start_redis_if_down=True,
-            warm=False,
-            gateway_port=0,
-            log=lambda message: None,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop(ADMIN_TOKEN_ENV, None)
-        else:
-            os.environ[ADMIN_TOKEN_ENV] = previous
+    service = start_local(
+        "tiny",
+        grpc_port=0,
+        http_port=0,
+        auth_secret=secret,
+        app_args={"redis_prefix": prefix, "degrade": True},
+        start_redis_if_down=True,
+        warm=False,
+        gateway_port=0,
+        gateway_admin_token=ADMIN_TOKEN,
+        log=lambda message: None,
+    )
     gateway = service.gateway
     assert gateway is not None and not gateway.admin_token_generated
     try:

@@ -19,7 +19,7 @@ from services.wire.images import check_side, image_header
 
 router = APIRouter(prefix="/v1/avatars", tags=["avatars"])
 ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}}
-UPLOAD_ERRORS = ERRORS | {413: {"model": ErrorBody}, 415: {"model": ErrorBody}, 429: {"model": ErrorBody}}
+UPLOAD_ERRORS = ERRORS | {413: {"model": ErrorBody}, 415: {"model": ErrorBody}}
 
 
 def avatar_out(info: AvatarInfo) -> Avatar:
