@@ -28,10 +28,19 @@ RANDOM_INIT_BANNER = """\
 ================================================================================"""
 
 
+DEMO_MODEL_NOTE = (
+    "note: no --weights: using the shipped demo model ({path}), trained in the synthetic world "
+    "(docs/synthetic-world.md). It animates the synthetic faces it was trained on; for photographs "
+    "convert the released checkpoints and pass --weights DIR."
+)
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", type=Path, help="directory made by `avatar-forcing convert`")
+    parser.add_argument(
+        "--weights", type=Path, help="weights folder (`avatar-forcing convert`, `train`); default: the demo model"
+    )
     parser.add_argument("--random-init", action="store_true", help="random weights (smoke runs only)")
-    parser.add_argument("--config", default="tiny", choices=PRESET_NAMES, help="preset for --random-init")
+    parser.add_argument("--config", default="tiny", choices=PRESET_NAMES, help="preset for --random-init (tiny: the demo model)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
@@ -52,10 +61,16 @@ def load_model(args: argparse.Namespace):
     if args.random_init:
         print(RANDOM_INIT_BANNER, file=sys.stderr)
         return random_model(preset(args.config)).to(args.device)
+    from avatar_forcing.synthetic.demo_model import weights_dir
+
+    demo = weights_dir()
+    if args.config == "tiny" and (demo / "model.safetensors").is_file():
+        print(DEMO_MODEL_NOTE.format(path=demo), file=sys.stderr)
+        return load_pretrained(demo, args.device)
     raise SystemExit(
-        "error: no weights. Pass --weights DIR (made by `avatar-forcing convert` from the released "
-        "flow_transformer.pth, motion_autoencoder.pth and a local wav2vec2-base-960h folder), "
-        "or --random-init for a smoke run with random weights."
+        f"error: no weights for --config {args.config}. Pass --weights DIR (made by `avatar-forcing convert` "
+        "from the released flow_transformer.pth, motion_autoencoder.pth and a local wav2vec2-base-960h "
+        "folder), or --random-init for a smoke run with random weights."
     )
 
 
@@ -168,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("prepare", "avatar_forcing.apps.prepare", "dyadic conversations (JSONL manifest) -> training shards"),
         ("eval", "avatar_forcing.apps.eval", "motion metrics (rPCC, SID, Var, FD) and engine latency -> JSON"),
         ("train", "avatar_forcing.apps.train", "diffusion-forcing training or DPO (--dpo), one process or Ray Train"),
+        ("train-autoencoder", "avatar_forcing.apps.train_autoencoder", "motion auto-encoder on a manifest's faces"),
+        ("build-demo", "avatar_forcing.synthetic.demo_model", "rebuild the shipped demo model on CPU"),
+        ("synth-ablation", "avatar_forcing.synthetic.ablation", "the paper's Table 4 on held-out synthetic talks"),
         ("synth", "avatar_forcing.synthetic.cli", "synthetic dyadic conversations (faces, voices) -> manifest"),
     ):
         p = sub.add_parser(name, help=help_text, add_help=False)

@@ -13,6 +13,7 @@ own track, else silence.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from avatar_forcing.config import SAMPLES_PER_FRAME
 from avatar_forcing.engine.motion_stream import MotionStream, StreamOptions
-from avatar_forcing.engine.portrait import decode_frames, encode_portrait, encode_user_motion
+from avatar_forcing.engine.portrait import PortraitEncoding, decode_frames, encode_portrait, encode_user_motion
 from avatar_forcing.media.face_crop import FaceCropper
 from avatar_forcing.media.io import VideoWriter, load_audio, load_image, read_video, side_by_side
 from avatar_forcing.nn.audio_encoder import num_frames_for
@@ -55,6 +56,43 @@ def fit_frames(frames: np.ndarray, length: int) -> np.ndarray:
 
 
 @torch.no_grad()
+def generate_blocks(
+    model: AvatarForcing,
+    portrait: PortraitEncoding,
+    avatar_audio: np.ndarray,
+    user_wave: np.ndarray,
+    user_crops: np.ndarray,
+    options: StreamOptions,
+    seed: int = 0,
+    use_user_motion: bool = True,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The avatar's frames, block by block: (index of the block's first frame, uint8 (n, S, S, 3)).
+
+    avatar_audio sets the length T; user_wave must hold T * 640 samples and user_crops T face
+    crops of the model's image size (`fit_samples`, `fit_frames`). `use_user_motion=False` gives
+    the network zero user motion (a model trained without it: the ablation's variant (a)).
+    """
+    T = num_frames_for(avatar_audio.shape[0])
+    encoder = model.audio_encoder
+    avatar_features = encoder.encode_clip(avatar_audio)  # whole clip at once, as the release does
+    # Silence has zero variance; normalising it would divide by ~0, so silent user audio stays zero.
+    user_features = (
+        encoder.encode_clip(user_wave) if np.abs(user_wave).max(initial=0) > 0 else torch.zeros_like(avatar_features)
+    )
+    user_motion = encode_user_motion(model.motion_autoencoder, user_crops)
+    if not use_user_motion:
+        user_motion = torch.zeros_like(user_motion)
+
+    stream = MotionStream(model.block_sampler(), portrait.reference_motion, options, seed=seed)
+    stream.push(avatar_features.float().cpu(), user_features[:T].float().cpu(), user_motion)
+    stream.finish()
+    while (block_request := stream.next_request()) is not None:
+        block = stream.accept(stream.sampler.run([block_request], options.block)[0])
+        if block is not None:
+            yield block.frame_index, decode_frames(model.motion_autoencoder, portrait, block.latents)
+
+
+@torch.no_grad()
 def generate_video(model: AvatarForcing, request: GenerationRequest) -> int:
     """Write the video; returns the number of frames written."""
     size = model.config.motion_autoencoder.image_size
@@ -72,35 +110,19 @@ def generate_video(model: AvatarForcing, request: GenerationRequest) -> int:
     if user_wave is None:
         user_wave = np.zeros(0, np.float32)
     user_wave = fit_samples(user_wave, T * SAMPLES_PER_FRAME)
-
     user_crops = fit_frames(cropper.crop_video(clip.frames, str(request.user_video)), T)
     user_raw = fit_frames(clip.frames, T) if request.side_by_side else None
 
-    encoder = model.audio_encoder
-    avatar_features = encoder.encode_clip(avatar_audio)  # whole clip at once, as the release does
-    # Silence has zero variance; normalising it would divide by ~0, so silent user audio stays zero.
-    user_features = (
-        encoder.encode_clip(user_wave) if np.abs(user_wave).max(initial=0) > 0 else torch.zeros_like(avatar_features)
-    )
-    user_motion = encode_user_motion(model.motion_autoencoder, user_crops)
-
-    stream = MotionStream(model.block_sampler(), portrait.reference_motion, request.options, seed=request.seed)
-    stream.push(avatar_features.float().cpu(), user_features[:T].float().cpu(), user_motion)
-    stream.finish()
-
     written = 0
     bar = tqdm(total=T, unit="frame", desc="generating", disable=not request.progress, file=sys.stderr)
+    blocks = generate_blocks(model, portrait, avatar_audio, user_wave, user_crops, request.options, request.seed)
     with VideoWriter(
         request.out, fps=model.config.fps, audio=avatar_audio, sample_rate=model.config.sample_rate
     ) as writer:
-        while (block_request := stream.next_request()) is not None:
-            block = stream.accept(stream.sampler.run([block_request], request.options.block)[0])
-            if block is None:
-                continue
-            frames = decode_frames(model.motion_autoencoder, portrait, block.latents)
+        for frame_index, frames in blocks:
             for i, frame in enumerate(frames):
                 if user_raw is not None:
-                    frame = side_by_side(frame, user_raw[block.frame_index + i])
+                    frame = side_by_side(frame, user_raw[frame_index + i])
                 writer.write(frame)
             written += len(frames)
             bar.update(len(frames))

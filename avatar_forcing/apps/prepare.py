@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-frames", type=int, default=50, help="shortest clip kept (default 50 = 2 s)")
     parser.add_argument("--max-gap", type=int, default=5, help="longest face gap bridged, frames (default 5)")
     parser.add_argument("--max-frames", type=int, default=750, help="longest clip, frames; 0 = no limit (default 750)")
-    parser.add_argument("--detect-every", type=int, default=1, help="face detection on every k-th frame")
+    parser.add_argument("--detect-every", type=int, default=1, help="detect faces on every k-th frame")
     parser.add_argument("--batch-size", type=int, default=16, help="face crops per encoder call")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_model_args(parser)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         model = load_model(args)
         weights = str(args.weights.resolve()) if args.weights else f"random-init:{args.config}"
-        index = prepare(args.manifest, args.out, Encoders.from_model(model, weights), options)
+        index = prepare(args.manifest, args.out, Encoders.from_model(model, weights, args.detect_every), options)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

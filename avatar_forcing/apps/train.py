@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     obj.add_argument("--drop-avatar-audio", type=float, default=0.1)
     obj.add_argument("--drop-user", type=float, default=0.1, help="user audio and motion together")
     obj.add_argument("--drop-reference", type=float, default=0.1)
+    obj.add_argument(
+        "--drop-user-motion", type=float, default=0.0, help="user motion alone; 1 = the w/o-user-motion ablation"
+    )
     obj.add_argument("--clean-context-prob", type=float, default=0.5, help="windows with clean leading blocks")
     dpo = p.add_argument_group("DPO (--dpo)")
     dpo.add_argument("--dpo", action="store_true", help="preference fine-tuning against a frozen reference")
@@ -137,6 +140,7 @@ def spec_from_args(args: argparse.Namespace):
             drop_user=args.drop_user,
             drop_reference=args.drop_reference,
             clean_context_prob=args.clean_context_prob,
+            drop_user_motion=args.drop_user_motion,
         ),
         dpo=dpo,
     )

@@ -42,11 +42,14 @@ class DiffusionForcingConfig:
     drop_user: float = 0.1  # user audio and user motion together (the sampler's user row)
     drop_reference: float = 0.1
     clean_context_prob: float = 0.5  # windows with a clean (t = 0) prefix of blocks
+    # user motion alone (user audio kept); 1.0 trains the paper's "w/o user motion" ablation.
+    # 0 and 1 draw nothing, so the default run's random stream is unchanged.
+    drop_user_motion: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_power not in (1, 2):
             raise ValueError(f"loss_power: got {self.loss_power}; expected 1 (L1) or 2 (L2)")
-        for name in ("drop_avatar_audio", "drop_user", "drop_reference", "clean_context_prob"):
+        for name in ("drop_avatar_audio", "drop_user", "drop_reference", "clean_context_prob", "drop_user_motion"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: got {value}; expected a probability in [0, 1]")
@@ -133,7 +136,8 @@ def full_conditions(batch: TrainingBatch) -> ModelInputs:
 
 
 def drop_conditions(batch: TrainingBatch, config: DiffusionForcingConfig, generator: torch.Generator) -> ModelInputs:
-    """Per example, zero the avatar audio / the user (audio + motion) / the reference independently."""
+    """Per example, zero the avatar audio / the user (audio + motion) / the reference independently,
+    and the user motion alone with `drop_user_motion`."""
     B = len(batch)
     keep = lambda p: (torch.rand(B, generator=generator) >= p).to(batch.avatar_audio.device)
     keep_audio, keep_user, keep_ref = (
@@ -141,12 +145,17 @@ def drop_conditions(batch: TrainingBatch, config: DiffusionForcingConfig, genera
         keep(config.drop_user),
         keep(config.drop_reference),
     )
+    keep_motion = keep_user
+    if config.drop_user_motion >= 1.0:
+        keep_motion = torch.zeros_like(keep_user)
+    elif config.drop_user_motion > 0.0:
+        keep_motion = keep_user & keep(config.drop_user_motion)
     frame = lambda k, x: x * k[:, None, None].to(x.dtype)
     c = batch_context(batch)
     return ModelInputs(
         frame(keep_audio, c.avatar_audio),
         frame(keep_user, c.user_audio),
-        frame(keep_user, c.user_motion),
+        frame(keep_motion, c.user_motion),
         batch.reference_motion * keep_ref[:, None].to(batch.reference_motion.dtype),
         c.start,
         c.origin,

@@ -29,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="start Redis, a local Ray and the services; print the gRPC endpoint and a dev token",
     )
     parser.add_argument("--config", choices=PRESETS, help="model preset (default: tiny on CPU, paper with a GPU)")
-    parser.add_argument("--weights", type=Path, help="directory made by `avatar-forcing convert` (default: random)")
+    parser.add_argument(
+        "--weights", type=Path, help="weights folder (default: tiny: the shipped demo model; paper: random)"
+    )
+    parser.add_argument("--random-init", action="store_true", help="random weights (smoke runs only)")
     parser.add_argument(
         "--grpc-port", type=int, default=None, help=f"Serve gRPC proxy port (default {DEFAULT_GRPC_PORT})"
     )

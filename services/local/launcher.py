@@ -145,6 +145,7 @@ def start_local(
     app_args: dict[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     start_redis_if_down: bool | None = None,
+    random_init: bool = False,
     log: Log = print_progress,
 ) -> LocalService:
     """Start Redis (if needed), a local Ray, Serve's proxies and the application; returns when the
@@ -153,11 +154,18 @@ def start_local(
     `app_args` are further `services.app.build_app` arguments, `env` further
     environment for the replicas. `gateway_port` (0: a free one): also run the gateway there, with
     a demo tenant (`services.local.gateway`); `gateway_admin_token` None: AF_GATEWAY_ADMIN_TOKEN, else
-    a random one. On any failure what was started is stopped again."""
+    a random one. Without `weights`, the tiny preset serves the shipped demo model
+    (`avatar_forcing.synthetic.demo_model`) unless `random_init`; other presets random weights.
+    On any failure what was started is stopped again."""
     preset = config or default_preset()
     if preset not in PRESETS:
         raise LauncherError(f"--config: got {preset!r}; expected one of {PRESETS}", exit_code=2)
     weights_dir = Path(weights) if weights is not None else None
+    if weights_dir is None and not random_init and preset == "tiny":
+        from avatar_forcing.synthetic.demo_model import weights_dir as demo_weights
+
+        if (demo_weights() / "model.safetensors").is_file():
+            weights_dir = demo_weights()  # the shipped demo model: a face that talks, not noise
     if weights_dir is not None and not weights_dir.is_dir():
         raise LauncherError(f"--weights {weights_dir}: no such directory", exit_code=2)
     try:
@@ -253,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         service = start_local(
             config=args.config,
             weights=args.weights,
+            random_init=args.random_init,
             grpc_port=args.grpc_port if args.grpc_port is not None or using_file else DEFAULT_GRPC_PORT,
             http_port=args.http_port if args.http_port is not None or using_file else DEFAULT_HTTP_PORT,
             redis_url=args.redis_url,

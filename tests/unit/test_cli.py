@@ -71,8 +71,9 @@ def test_missing_weights_and_missing_files_are_clear_errors(short_inputs, capsys
         "--out",
         str(root / "x.mp4"),
     ]
-    with pytest.raises(SystemExit, match=r"no weights.*--weights DIR.*--random-init"):
-        main(args)
+    # the tiny preset falls back to the shipped demo model; the paper size has no such default
+    with pytest.raises(SystemExit, match=r"no weights for --config paper.*--weights DIR.*--random-init"):
+        main([*args, "--config", "paper"])
     with pytest.raises(SystemExit, match=r"--portrait .*nowhere\.png: file not found"):
         main([*args[:1], "--portrait", str(root / "nowhere.png"), *args[3:], "--random-init"])
     assert main([*args, "--weights", str(root / "no-weights")]) == 2

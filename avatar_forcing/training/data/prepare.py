@@ -79,10 +79,12 @@ class Encoders:
     weights: str  # what the latents were made with (a weights folder, or "random-init:<preset>")
 
     @classmethod
-    def from_model(cls, model, weights: str) -> Encoders:
-        """From a loaded `AvatarForcing` (only its auto-encoder and audio encoder are used)."""
+    def from_model(cls, model, weights: str, detect_every: int = 1) -> Encoders:
+        """From a loaded `AvatarForcing` (only its auto-encoder and audio encoder are used).
+        `detect_every`: the crop track's detector runs on every k-th frame, interpolated between."""
         mae = model.motion_autoencoder.eval()
-        return cls(mae, model.audio_encoder.eval(), FaceCropper(mae.config.image_size), weights)
+        cropper = FaceCropper(mae.config.image_size, detect_every=detect_every)
+        return cls(mae, model.audio_encoder.eval(), cropper, weights)
 
     def settings(self, options: PrepareOptions) -> dict:
         mae = self.motion_autoencoder.config

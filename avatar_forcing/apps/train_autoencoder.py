@@ -1,0 +1,89 @@
+"""`avatar-forcing train-autoencoder`: train the motion auto-encoder on a manifest's face videos.
+
+    avatar-forcing train-autoencoder --manifest data/synth/manifest.jsonl --random-init --config tiny \
+        --out runs/mae --steps 3000
+    avatar-forcing prepare --manifest data/synth/manifest.jsonl --weights runs/mae --out data/prepared
+
+Both sides' videos of every conversation are cropped as `prepare` crops them and the
+auto-encoder learns to reconstruct one crop's motion on another crop's face
+(training/autoencoder.py). OUT is a whole weights folder (`config.json`, `model.safetensors`):
+the trained auto-encoder with the other parts of the start model unchanged, ready for
+`prepare --weights` and `train --init-weights`. It also holds metrics.csv and
+autoencoder_record.json. Exit status 0, or 2 for bad arguments or unreadable media.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from avatar_forcing.config import PRESET_NAMES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avatar-forcing train-autoencoder", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", type=Path, required=True, help="JSONL of conversations (both videos are used)")
+    p.add_argument("--val-manifest", type=Path, help="held-out conversations for the validation loss")
+    p.add_argument("--out", type=Path, required=True, help="weights folder to write")
+    p.add_argument("--init-weights", type=Path, help="start from this weights folder")
+    p.add_argument("--random-init", action="store_true", help="random weights of --config")
+    p.add_argument("--config", default="tiny", choices=PRESET_NAMES, help="preset for --random-init")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of --random-init")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--detect-every", type=int, default=5, help="face detection on every k-th frame (default 5)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the motion auto-encoder on face crops; write a weights folder."""
+    import torch
+
+    from avatar_forcing.config import preset
+    from avatar_forcing.nn.checkpoints import load_pretrained, save_pretrained
+    from avatar_forcing.nn.model import random_model
+    from avatar_forcing.training.autoencoder import AutoEncoderOptions, load_face_crops, train_autoencoder
+    from avatar_forcing.training.data.manifest import read_manifest
+
+    args = build_parser().parse_args(argv)
+    if bool(args.init_weights) == bool(args.random_init):
+        print("error: pass exactly one of --init-weights DIR or --random-init", file=sys.stderr)
+        return 2
+    try:
+        options = AutoEncoderOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        if args.detect_every < 1:
+            raise ValueError(f"--detect-every: expected >= 1, got {args.detect_every}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = (
+            load_pretrained(args.init_weights)
+            if args.init_weights
+            else random_model(preset(args.config), args.init_seed)
+        )
+        size = model.config.motion_autoencoder.image_size
+
+        def crops(manifest: Path) -> list:
+            videos = [v for conv in read_manifest(manifest) for v in (conv.avatar_video, conv.user_video)]
+            return load_face_crops(videos, size, detect_every=args.detect_every)
+
+        train_clips = crops(args.manifest)
+        val_clips = crops(args.val_manifest) if args.val_manifest else []
+        record = train_autoencoder(
+            model.motion_autoencoder, train_clips, options, args.out, val_clips, progress=not args.quiet
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    save_pretrained(model, args.out)
+    val = f", validation loss {record['final_val_loss']:.4f}" if val_clips else ""
+    print(f"wrote {args.out}: loss {record['final_loss']:.4f}{val}, {record['train_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

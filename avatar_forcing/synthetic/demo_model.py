@@ -1,0 +1,220 @@
+"""`avatar-forcing build-demo`: rebuild the shipped demo model from nothing, on CPU.
+
+    avatar-forcing build-demo --work runs/demo             # every step's output under runs/demo
+    avatar-forcing build-demo --work runs/demo --install   # ... then replace the shipped model
+
+Each step is one of the project's own commands, called with the arguments the model's
+`training_record.json` lists:
+
+1. `synth`: training conversations (seeds from 0) and validation ones (seeds from 50000);
+2. `train-autoencoder`: the motion auto-encoder on both sides' faces of the training set;
+3. `prepare`: training and validation shards, with that auto-encoder and the `tiny` audio
+   encoder as initialised (random and frozen: its features still carry the voice's
+   envelope and spectrum, which is what the avatar's mouth needs in this world);
+4. `train`: diffusion forcing of the flow transformer from random weights;
+5. `train --dpo`: preference fine-tuning of step 4's result (losers: its own rollouts with the
+   user removed, as the paper builds them);
+6. export: the weights in float16, with the config and the training record.
+
+A step whose output is complete is skipped, so an interrupted build resumes by running the
+same command again. Seeds from `HELD_OUT_SEED` on are in neither set: the tests, the sample
+inputs and the ablation use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo-model"
+RECORD_FILE = "training_record.json"
+VAL_SEED = 50_000
+HELD_OUT_SEED = 100_000
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The sizes of one build. The defaults are the shipped model's (under an hour on 2 cores)."""
+
+    train_conversations: int = 32
+    val_conversations: int = 4
+    seconds: float = 20.0
+    autoencoder_steps: int = 3000
+    df_steps: int = 4000
+    dpo_steps: int = 600
+    batch_size: int = 16
+    df_lr: float = 5e-4
+    dpo_lr: float = 2e-5
+    detect_every: int = 5
+
+    @classmethod
+    def quick(cls) -> Recipe:
+        """A few minutes: the same path at toy sizes (the tests' build; not a model that talks)."""
+        return cls(2, 1, 4.0, 20, 20, 6, 4, 5e-4, 2e-5, 5)
+
+
+def weights_dir() -> Path:
+    """The shipped demo model's folder (a weights folder for `--weights` / AF_WEIGHTS_DIR)."""
+    return DEMO_MODEL_DIR
+
+
+def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
+    """(command, argv, the output that marks it done), in order."""
+    r = recipe
+    train_every = ["--batch-size", str(r.batch_size), "--val-every", "500", "--checkpoint-every", "1000", "--quiet"]
+    return [
+        (
+            "synth",
+            ["--out", str(work / "synth-train"), "--conversations", str(r.train_conversations),
+             "--seconds", str(r.seconds), "--seed", "0", "--quiet"],
+            work / "synth-train" / "manifest.jsonl",
+        ),
+        (
+            "synth",
+            ["--out", str(work / "synth-val"), "--conversations", str(r.val_conversations),
+             "--seconds", str(r.seconds), "--seed", str(VAL_SEED), "--quiet"],
+            work / "synth-val" / "manifest.jsonl",
+        ),
+        (
+            "train-autoencoder",
+            ["--manifest", str(work / "synth-train" / "manifest.jsonl"),
+             "--val-manifest", str(work / "synth-val" / "manifest.jsonl"),
+             "--random-init", "--config", "tiny", "--out", str(work / "autoencoder"),
+             "--steps", str(r.autoencoder_steps), "--detect-every", str(r.detect_every), "--quiet"],
+            work / "autoencoder" / "model.safetensors",
+        ),
+        *[
+            (
+                "prepare",
+                ["--manifest", str(work / f"synth-{split}" / "manifest.jsonl"),
+                 "--out", str(work / f"prepared-{split}"), "--weights", str(work / "autoencoder"),
+                 "--detect-every", str(r.detect_every), "--quiet"],
+                work / f"prepared-{split}" / "index.json",
+            )
+            for split in ("train", "val")
+        ],
+        (
+            "train",
+            ["--data", str(work / "prepared-train"), "--val-data", str(work / "prepared-val"),
+             "--init-weights", str(work / "autoencoder"), "--out", str(work / "df"), "--export", str(work / "df-final"),
+             "--steps", str(r.df_steps), "--lr", str(r.df_lr), "--warmup-steps", "200", "--ema-decay", "0.999",
+             *train_every],
+            work / "df-final" / "model.safetensors",
+        ),
+        (
+            "train",
+            ["--dpo", "--data", str(work / "prepared-train"), "--val-data", str(work / "prepared-val"),
+             "--init-weights", str(work / "df-final"), "--out", str(work / "dpo"), "--export", str(work / "dpo-final"),
+             "--steps", str(r.dpo_steps), "--lr", str(r.dpo_lr), "--warmup-steps", "50", *train_every],
+            work / "dpo-final" / "model.safetensors",
+        ),
+    ]  # fmt: skip
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """One `avatar-forcing` command, in this process."""
+    from avatar_forcing.apps.cli import main
+
+    return main([name, *argv])
+
+
+def export(source: Path, out: Path, record: dict) -> Path:
+    """A weights folder -> `out` with float16 weights (half the bytes; loading casts back to the
+    model's float32), the config and the training record."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(source / "model.safetensors")
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(half, out / "model.safetensors", metadata={"format": "avatar-forcing", "config": "tiny"})
+    shutil.copyfile(source / "config.json", out / "config.json")
+    (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def _final_metrics(run: Path) -> dict:
+    """The last logged row of a training run's metrics.csv (loss, val_loss, ...)."""
+    import csv
+
+    with open(run / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    last = rows[-1]
+    val_rows = [row for row in rows if row.get("val_loss_ema") or row.get("val_loss")]
+    if val_rows:
+        last = {**last, "val_loss": val_rows[-1].get("val_loss"), "val_loss_ema": val_rows[-1].get("val_loss_ema")}
+    return {k: v for k, v in last.items() if v not in (None, "")}
+
+
+def build(work: Path, recipe: Recipe, log: Callable[[str], None] = print) -> Path:
+    """Run every step not yet done; export the model to WORK/model; return that folder."""
+    work.mkdir(parents=True, exist_ok=True)
+    timings = json.loads((work / "timings.json").read_text()) if (work / "timings.json").is_file() else {}
+    commands = []
+    for index, (name, argv, done) in enumerate(steps(work, recipe), start=1):
+        label = f"{index}. {name}"
+        commands.append({"step": label, "command": " ".join(["avatar-forcing", name, *argv])})
+        if done.exists():
+            log(f"{label}: done already ({done})")
+            continue
+        log(f"{label}: avatar-forcing {name} {' '.join(argv)}")
+        start = time.perf_counter()
+        code = run_command(name, argv)
+        if code != 0:
+            raise RuntimeError(f"step {label} failed with exit status {code}")
+        timings[label] = round(time.perf_counter() - start, 1)
+        (work / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        log(f"{label}: {timings[label]:.0f} s")
+    record = {
+        "recipe": asdict(recipe),
+        "seeds": {
+            "train": [0, recipe.train_conversations - 1],
+            "val": [VAL_SEED, VAL_SEED + recipe.val_conversations - 1],
+            "held_out_from": HELD_OUT_SEED,
+        },
+        "steps": commands,
+        "seconds": timings,
+        "total_seconds": round(sum(timings.values()), 1),
+        "autoencoder": json.loads((work / "autoencoder" / "autoencoder_record.json").read_text()),
+        "diffusion_forcing": _final_metrics(work / "df"),
+        "dpo": _final_metrics(work / "dpo"),
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+    }  # fmt: skip
+    return export(work / "dpo-final", work / "model", record)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avatar-forcing build-demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for every step's output (resumable)")
+    parser.add_argument("--install", action="store_true", help=f"copy the result over the shipped {DEMO_MODEL_DIR}")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: minutes, a smoke run of the path")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rebuild the demo model (synth -> train-autoencoder -> prepare -> train -> train --dpo)."""
+    args = build_parser().parse_args(argv)
+    recipe = Recipe.quick() if args.quick else Recipe()
+    try:
+        model = build(args.work, recipe)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}")
+        return 1
+    print(f"wrote {model}")
+    if args.install:
+        DEMO_MODEL_DIR.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "model.safetensors", RECORD_FILE):
+            shutil.copyfile(model / name, DEMO_MODEL_DIR / name)
+        print(f"installed into {DEMO_MODEL_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

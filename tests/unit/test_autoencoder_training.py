@@ -1,0 +1,98 @@
+"""Motion auto-encoder training (training/autoencoder.py, `avatar-forcing train-autoencoder`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from avatar_forcing.config import tiny
+from avatar_forcing.media.face_crop import FaceCropper
+from avatar_forcing.nn.checkpoints import load_pretrained
+from avatar_forcing.nn.model import random_model
+from avatar_forcing.synthetic.world import generate_conversation
+from avatar_forcing.training.autoencoder import (
+    AutoEncoderOptions,
+    PairSampler,
+    reconstruction_loss,
+    train_autoencoder,
+    validation_loss,
+)
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    """Face crops of two short synthetic conversations (4 identities), cut as `prepare` cuts them."""
+    cropper = FaceCropper(64, detect_every=5)
+    out = []
+    for seed in (7, 8):
+        conv = generate_conversation(seed, 2.0)
+        out += [cropper.crop_video(conv.frames(side), f"synth-{seed}") for side in (0, 1)]
+    return out
+
+
+def test_pairs_come_from_one_clip_and_the_seed_fixes_them():
+    clips = [np.full((5, 4, 4, 3), k, np.uint8) for k in range(3)]
+    source, driving = PairSampler(clips, seed=3).sample(32)
+    # each clip is one constant value, so a pair from one clip has equal values
+    assert np.array_equal(source[:, 0, 0, 0], driving[:, 0, 0, 0])
+    again = PairSampler(clips, seed=3).sample(32)
+    assert np.array_equal(again[0], source) and np.array_equal(again[1], driving)
+    with pytest.raises(ValueError, match="clips: expected at least one clip of >= 2"):
+        PairSampler([np.zeros((1, 4, 4, 3), np.uint8)], seed=0)
+
+
+def test_reconstruction_loss_is_zero_only_for_the_target():
+    target = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert float(reconstruction_loss(target, target)) == 0.0
+    assert float(reconstruction_loss(target + 0.1, target)) == pytest.approx(0.3, abs=1e-5)  # 3 scales x 0.1
+
+
+def test_training_lowers_the_loss_on_held_out_pairs(clips, tmp_path):
+    torch.manual_seed(0)
+    mae = random_model(tiny()).motion_autoencoder
+    held = PairSampler(clips, seed=99).sample(16)
+    before = validation_loss(mae, held)
+    options = AutoEncoderOptions(steps=40, batch_size=8, log_every=20)
+    record = train_autoencoder(mae, clips, options, tmp_path, val_clips=clips[:1], progress=False)
+    after = validation_loss(mae, held)
+    # a random decoder starts near L1 ~ 1.5 (3 scales x ~0.5); 40 steps learn at least the
+    # backdrop and the face's colours, which more than halves it
+    assert after < 0.5 * before, (before, after)
+    assert record["train_crops"] == sum(len(c) for c in clips)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,val_loss") and len(rows) == 3
+    assert not mae.training and not any(p.requires_grad for p in mae.parameters())
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
+        AutoEncoderOptions(steps=0)
+    with pytest.raises(ValueError, match="lr: expected > 0"):
+        AutoEncoderOptions(lr=0.0)
+
+
+def test_cli_writes_a_weights_folder_prepare_can_use(tmp_path):
+    from avatar_forcing.apps.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "synth"), "--conversations", "1", "--seconds", "2", "--quiet"]) == 0
+    manifest = tmp_path / "synth" / "manifest.jsonl"
+    out = tmp_path / "mae"
+    argv = ["train-autoencoder", "--manifest", str(manifest), "--random-init", "--out", str(out), "--steps", "3",
+            "--batch-size", "2", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    start = random_model(tiny())
+    trained = load_pretrained(out)
+    changed = lambda prefix: any(
+        not torch.equal(v, trained.state_dict()[k]) for k, v in start.state_dict().items() if k.startswith(prefix)
+    )
+    assert changed("motion_autoencoder.") and not changed("flow_transformer.") and not changed("audio_encoder.")
+    assert json.loads((out / "autoencoder_record.json").read_text())["options"]["steps"] == 3
+    assert main(["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "prep"), "--weights", str(out),
+                 "--detect-every", "5", "--quiet"]) == 0  # fmt: skip
+    assert main(["train-autoencoder", "--manifest", str(manifest), "--out", str(out)]) == 2  # no start weights
+    assert (
+        main(["train-autoencoder", "--manifest", str(tmp_path / "none.jsonl"), "--random-init", "--out", str(out)]) == 2
+    )
