@@ -40,7 +40,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "--weights", type=Path, help="weights folder (`avatar-forcing convert`, `train`); default: the demo model"
     )
     parser.add_argument("--random-init", action="store_true", help="random weights (smoke runs only)")
-    parser.add_argument("--config", default="tiny", choices=PRESET_NAMES, help="preset for --random-init (tiny: the demo model)")
+    parser.add_argument(
+        "--config", default="tiny", choices=PRESET_NAMES, help="preset for --random-init (tiny: the demo model)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
