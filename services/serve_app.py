@@ -46,7 +46,9 @@ def settings_overrides(args: dict[str, Any]) -> dict[str, Any]:
 
 def image_size(settings: Settings) -> int:
     if settings.weights_dir is not None:
-        return ModelConfig.load(Path(settings.weights_dir) / CONFIG_FILE).motion_autoencoder.image_size
+        from services.common.model_loader import resolve_weights
+
+        return ModelConfig.load(resolve_weights(settings.weights_dir) / CONFIG_FILE).motion_autoencoder.image_size
     return preset(settings.model_preset).motion_autoencoder.image_size
 
 

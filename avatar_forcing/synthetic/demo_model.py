@@ -47,18 +47,19 @@ class Recipe:
     train_conversations: int = 32
     val_conversations: int = 4
     seconds: float = 20.0
-    autoencoder_steps: int = 3000
-    df_steps: int = 4000
-    dpo_steps: int = 600
+    autoencoder_steps: int = 4000
+    df_steps: int = 2500
+    dpo_steps: int = 500
     batch_size: int = 16
     df_lr: float = 5e-4
     dpo_lr: float = 2e-5
     detect_every: int = 5
+    min_frames: int = 50  # prepare's shortest clip: one training window
 
     @classmethod
     def quick(cls) -> Recipe:
-        """A few minutes: the same path at toy sizes (the tests' build; not a model that talks)."""
-        return cls(2, 1, 4.0, 20, 20, 6, 4, 5e-4, 2e-5, 5)
+        """About a minute: the same path at toy sizes (the tests' build; not a model that talks)."""
+        return cls(2, 2, 4.0, 20, 20, 6, 2, 5e-4, 2e-5, 5, min_frames=20)
 
 
 def weights_dir() -> Path:
@@ -96,7 +97,7 @@ def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
                 "prepare",
                 ["--manifest", str(work / f"synth-{split}" / "manifest.jsonl"),
                  "--out", str(work / f"prepared-{split}"), "--weights", str(work / "autoencoder"),
-                 "--detect-every", str(r.detect_every), "--quiet"],
+                 "--detect-every", str(r.detect_every), "--min-frames", str(r.min_frames), "--quiet"],
                 work / f"prepared-{split}" / "index.json",
             )
             for split in ("train", "val")

@@ -10,7 +10,7 @@
 | AF_GRPC_PORT                 | 9000                       | gRPC port (Ray Serve gRPC proxy / session ingress)|
 | AF_HTTP_PORT                 | 8000                       | HTTP port (gateway, health, metrics)             |
 | AF_MODEL_PRESET              | paper                      | avatar_forcing.config preset: paper or tiny      |
-| AF_WEIGHTS_DIR               | (unset)                    | checkpoint directory; unset: random weights      |
+| AF_WEIGHTS_DIR               | (unset)                    | weights; `demo`: the demo model; unset: random |
 | AF_HEARTBEAT_TTL_S           | 15                         | a session not heartbeated for this long is reaped|
 | AF_REPLICA_TTL_S             | 10                         | a replica not heartbeated for this long is dead  |
 | AF_REAP_INTERVAL_S           | 5                          | how often the reaper runs                        |

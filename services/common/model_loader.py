@@ -2,7 +2,8 @@
 
     model = load_model(settings)   # AvatarForcing in eval mode, on cuda when available
 
-`settings.weights_dir` set: the converted checkpoint there (`avatar_forcing.nn.checkpoints.load_pretrained`).
+`settings.weights_dir` set: the converted checkpoint there (`avatar_forcing.nn.checkpoints.load_pretrained`);
+the value `demo` names the shipped demo model (`avatar_forcing.synthetic.demo_model`, tiny preset).
 Unset: random weights of `settings.model_preset`, seeded so that every replica and process builds
 the same weights (smoke runs and tests only: the output is not a face), with a loud warning.
 
@@ -26,6 +27,7 @@ from services.common.config import Settings
 log = logging.getLogger(__name__)
 
 RANDOM_SEED = 0  # every process builds the same random weights
+DEMO_WEIGHTS = "demo"  # AF_WEIGHTS_DIR=demo: the shipped demo model
 
 _lock = threading.Lock()
 _models: dict[tuple[str, str, str], AvatarForcing] = {}
@@ -35,10 +37,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_weights(weights_dir: Path) -> Path:
+    """A weights folder, absolute; `demo` is the shipped demo model's folder."""
+    if str(weights_dir) == DEMO_WEIGHTS:
+        from avatar_forcing.synthetic.demo_model import weights_dir as demo_weights
+
+        return demo_weights().resolve()
+    return Path(weights_dir).resolve()
+
+
 def load_model(settings: Settings, device: str | torch.device | None = None) -> AvatarForcing:
     """The process's model for these settings (built on the first call, cached after)."""
     device = torch.device(device) if device is not None else default_device()
-    weights = str(Path(settings.weights_dir).resolve()) if settings.weights_dir is not None else ""
+    weights = str(resolve_weights(settings.weights_dir)) if settings.weights_dir is not None else ""
     key = (weights, "" if weights else settings.model_preset, str(device))
     with _lock:  # replicas constructed concurrently in one process build it once
         model = _models.get(key)

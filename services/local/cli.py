@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def banner(service: LocalService, print_token: bool) -> str:
     """The ready message; it shows the dev token (never the secret) and hides Redis passwords."""
     lines = [
-        f"avatar-forcing serve: ready (model {service.config})",
+        f"avatar-forcing serve: ready (model {service.config}, weights: {service.weights})",
         f"  gRPC    {service.grpc_target}   (AvatarSession.Stream and the stage services)",
         f"  health  {service.health_url}",
         f"  redis   {redact_url(service.redis_url)}"

@@ -127,6 +127,27 @@ def replica_environment(
     return values
 
 
+def choose_weights(preset: str, weights: str | Path | None, random_init: bool) -> Path | None:
+    """The folder the replicas load, or None for random weights: `weights` when given; else, for
+    the tiny preset, the shipped demo model (a face that talks, not noise) unless `random_init`."""
+    if weights is not None:
+        return Path(weights)
+    from avatar_forcing.synthetic.demo_model import weights_dir as demo_weights
+
+    if preset == "tiny" and not random_init and (demo_weights() / "model.safetensors").is_file():
+        return demo_weights()
+    return None
+
+
+def describe_weights(weights_dir: Path | None) -> str:
+    """For the ready banner: "demo model", the folder, or "random"."""
+    from avatar_forcing.synthetic.demo_model import weights_dir as demo_weights
+
+    if weights_dir is None:
+        return "random"
+    return "demo model" if weights_dir.resolve() == demo_weights().resolve() else str(weights_dir)
+
+
 def start_local(
     config: str | None = None,
     weights: str | Path | None = None,
@@ -160,12 +181,7 @@ def start_local(
     preset = config or default_preset()
     if preset not in PRESETS:
         raise LauncherError(f"--config: got {preset!r}; expected one of {PRESETS}", exit_code=2)
-    weights_dir = Path(weights) if weights is not None else None
-    if weights_dir is None and not random_init and preset == "tiny":
-        from avatar_forcing.synthetic.demo_model import weights_dir as demo_weights
-
-        if (demo_weights() / "model.safetensors").is_file():
-            weights_dir = demo_weights()  # the shipped demo model: a face that talks, not noise
+    weights_dir = choose_weights(preset, weights, random_init)
     if weights_dir is not None and not weights_dir.is_dir():
         raise LauncherError(f"--weights {weights_dir}: no such directory", exit_code=2)
     try:
@@ -234,6 +250,7 @@ def start_local(
             redis_url=url,
             config=preset,
             dev_secret=auth.is_dev_secret(secret),
+            weights=describe_weights(weights_dir),
             _secret=secret,
             _redis=redis_server,
             _own_ray=own_ray,

@@ -25,6 +25,7 @@ class LocalService:
     redis_url: str
     config: str
     dev_secret: bool  # True: signed with this run's development secret
+    weights: str = "random"  # what the replicas load: "demo model", a folder, or "random"
     _secret: str = field(repr=False)
     _redis: LocalRedis | None = field(default=None, repr=False)
     _own_ray: bool = field(default=False, repr=False)

@@ -25,6 +25,20 @@ def test_replica_environment_runs_ray_workers_at_default_priority(tmp_path: Path
     assert kept["AF_WEIGHTS_DIR"] == str(tmp_path.resolve())
 
 
+def test_serve_loads_the_demo_model_by_default_for_tiny(tmp_path: Path):
+    from avatar_forcing.synthetic.demo_model import weights_dir
+    from services.common.config import Settings
+    from services.common.model_loader import resolve_weights
+
+    assert launcher.choose_weights("tiny", None, random_init=False) == weights_dir()
+    assert launcher.choose_weights("tiny", None, random_init=True) is None  # --random-init: smoke runs
+    assert launcher.choose_weights("paper", None, random_init=False) is None  # no paper-size demo model
+    assert launcher.choose_weights("tiny", tmp_path, random_init=False) == tmp_path
+    assert launcher.describe_weights(weights_dir()) == "demo model" and launcher.describe_weights(None) == "random"
+    # the deployments' spelling of the same default (compose, k8s): AF_WEIGHTS_DIR=demo
+    assert resolve_weights(Settings.from_env({"AF_WEIGHTS_DIR": "demo"}).weights_dir) == weights_dir().resolve()
+
+
 def _args(*extra: str):
     base = ["--portrait", "p.png", "--avatar-audio", "a.wav", "--user-video", "u.mp4", "--out", "o.mp4"]
     return client_cli.build_parser().parse_args(base + list(extra))
