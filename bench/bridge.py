@@ -33,6 +33,13 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
+def worst(values: list[float]) -> float | None:
+    """The largest value; NaN (a listening frame never seen) wins, as `max` would only by chance."""
+    if not values:
+        return None
+    return float("nan") if any(v != v for v in values) else max(values)
+
+
 async def audio_source_lag(seconds: float = 3.0) -> dict[str, float]:
     """The real rtc.AudioSource (queue 100 ms) fed one 40 ms frame per 40 ms tick, as the publisher does."""
     from livekit import rtc
@@ -142,7 +149,8 @@ async def measure(backend: Any, order: Any, seconds: float, human_frames: Any = 
         "interruptions": len(interruptions),
         "clear_to_silenced_ms_p50": pct([x["silenced_ms"] for x in interruptions], 0.5),
         "clear_to_listening_ms_p50": pct([x["listening_ms"] for x in interruptions], 0.5),
-        "clear_to_listening_ms_max": max(x["listening_ms"] for x in interruptions) if interruptions else None,
+        "clear_to_listening_ms_max": worst([x["listening_ms"] for x in interruptions]),
+        "clear_to_listening_ms_each": [round(x["listening_ms"], 1) for x in interruptions],
         "clear_to_playback_finished_ms_p50": pct([x["finished_ms"] for x in interruptions], 0.5),
         "block": session.stream.started.block,
     }

@@ -125,33 +125,36 @@ def train_autoencoder(
     start = time.perf_counter()
     rows: list[dict] = []
     running = 0.0
-    for step in range(1, options.steps + 1):
-        source, driving = (to_images(x) for x in sampler.sample(options.batch_size))
-        # cosine decay to 10 %: big steps while the warp is found, small ones to sharpen
-        lr = options.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step - 1) / options.steps)))
-        for group in optimiser.param_groups:
-            group["lr"] = lr
-        loss = reconstruction_loss(mae(source, driving), driving)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        if options.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(mae.parameters(), options.grad_clip)
-        optimiser.step()
-        running += loss.item()
-        if step % options.log_every == 0 or step == options.steps:
-            count = options.log_every if step % options.log_every == 0 else step % options.log_every
-            row = {"step": step, "loss": running / count, "lr": lr, "seconds": time.perf_counter() - start}
-            row["val_loss"] = validation_loss(mae, val_pairs) if val_pairs is not None else ""
-            rows.append(row)
-            running = 0.0
-            if progress:
-                val = f" val {row['val_loss']:.4f}" if val_pairs is not None else ""
-                print(f"  step {step}/{options.steps} loss {row['loss']:.4f}{val} ({row['seconds']:.0f} s)", flush=True)
-    mae.eval().requires_grad_(False)
+    # rows are written as they are logged, so a long run can be followed (tail OUT/metrics.csv)
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["step", "loss", "val_loss", "lr", "seconds"])
         writer.writeheader()
-        writer.writerows(rows)
+        for step in range(1, options.steps + 1):
+            source, driving = (to_images(x) for x in sampler.sample(options.batch_size))
+            # cosine decay to 10 %: big steps while the warp is found, small ones to sharpen
+            lr = options.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step - 1) / options.steps)))
+            for group in optimiser.param_groups:
+                group["lr"] = lr
+            loss = reconstruction_loss(mae(source, driving), driving)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if options.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(mae.parameters(), options.grad_clip)
+            optimiser.step()
+            running += loss.item()
+            if step % options.log_every == 0 or step == options.steps:
+                count = options.log_every if step % options.log_every == 0 else step % options.log_every
+                row = {"step": step, "loss": running / count, "lr": lr, "seconds": time.perf_counter() - start}
+                row["val_loss"] = validation_loss(mae, val_pairs) if val_pairs is not None else ""
+                rows.append(row)
+                writer.writerow(row)
+                handle.flush()
+                running = 0.0
+                if progress:
+                    val = f" val {row['val_loss']:.4f}" if val_pairs is not None else ""
+                    line = f"  step {step}/{options.steps} loss {row['loss']:.4f}{val} ({row['seconds']:.0f} s)"
+                    print(line, flush=True)
+    mae.eval().requires_grad_(False)
     record = {
         "options": asdict(options),
         "train_clips": len(train_clips),

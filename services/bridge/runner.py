@@ -14,8 +14,10 @@ Playback events, per segment and in segment order, each exactly once:
   room's audio queue), or at once, `interrupted=true`, when `lk.clear_buffer` arrives, or when
   the session ends with the segment unfinished. An empty segment finishes with position 0.
 Interruption: `lk.clear_buffer` from the agent drops the speech not yet sent, silences the
-speech already buffered (frames in the jitter buffer, the room's audio queue, frames in
-flight), tells the session (Interrupt) and places the next segment after the Interrupted frame.
+speech already buffered (the room's audio queue), drops the talking frames (in the jitter
+buffer and in flight from the session, holding the last published image) until the first
+frame generated without the speech (Interrupted.frame_index), tells the session (Interrupt)
+and places the next segment after the Interrupted frame.
 A stream whose trailer never comes ends when a newer stream starts, or after 10 s idle.
 
 The session ends (and `run` returns why) when the room closes, the agent leaves, the human
@@ -505,17 +507,23 @@ class BridgeSession:
             self.tracks.clear_audio()
         if self._mute is None:
             self._mute = self.publisher.mute_from(played_until)
+        # The buffered frames and those still coming until Interrupted are the cleared speech's
+        # face: dropped, the last published image held, until the first listening frame arrives.
+        self.publisher.interrupt()
         self._avatar_cursor = max(self._avatar_cursor, played_until)
         self._clear_done.clear()
         self._spawn(self._interrupt(self.stream), "interrupt")
         return "ok"
 
     async def _interrupt(self, stream: SessionStream) -> None:
+        index = None
         try:
             index = await stream.interrupt(wait=True)
             if index is not None:
                 self._avatar_floor = max(self._avatar_floor, index * SAMPLES_PER_FRAME)
         finally:
+            if self.publisher is not None:  # no answer: publish what comes rather than freeze
+                self.publisher.resume_at(index or 0)
             self._clear_done.set()
 
     # --- the human in --------------------------------------------------------------------------------------

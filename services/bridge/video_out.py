@@ -9,7 +9,12 @@ it repeats the last image with silence (a held frame) rather than stalling the t
 holds more than `max_buffer_frames` (the session ran ahead, e.g. after a stall) it drops the
 oldest to keep latency bounded.
 Audio the runner has muted (an interruption: stale speech still in buffered frames) is zeroed
-at capture time.
+at capture time. On an interruption the runner also drops the talking frames: `interrupt()`
+drops what is buffered and holds the last published image until `resume_at(index)` names the
+first frame the session generated without the speech (Interrupted.frame_index); frames before
+it are dropped, from it on they are published at once. Publishing those frames instead would
+keep the avatar's face talking for the whole buffer (up to three blocks) after the agent
+stopped it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class PublishStats:
     published: int = 0
     held: int = 0  # ticks with no frame ready: the last image repeated, silence
     dropped: int = 0  # frames dropped to bound the buffer
+    interrupted: int = 0  # talking frames dropped after an interruption (never published)
     resyncs: int = 0  # the loop fell far behind its grid and restarted it
     max_buffered: int = 0
 
@@ -70,10 +76,15 @@ class AvatarPublisher:
         self._last_video: rtc.VideoFrame | None = None
         self._silence = np.zeros(SAMPLES_PER_FRAME, np.int16)
         self.mutes: list[list[float]] = []  # [start, end) avatar-timeline samples to silence
+        self._resume_index = 0  # frames below this index are dropped (an interruption)
+        self._paused = False  # interrupted, Interrupted.frame_index not known yet: hold the last image
 
     # --- input ------------------------------------------------------------------------------------
 
     def push(self, frame: Frame) -> None:
+        if frame.index < self._resume_index:  # generated from speech the agent cleared
+            self.stats.interrupted += 1
+            return
         self._buffer.append(frame)
         self.stats.max_buffered = max(self.stats.max_buffered, len(self._buffer))
         self._arrived.set()
@@ -91,6 +102,27 @@ class AvatarPublisher:
         mute = [float(sample), math.inf]
         self.mutes.append(mute)
         return mute
+
+    def interrupt(self) -> None:
+        """Drop the buffered frames (the cleared speech's) and publish none until `resume_at`.
+
+        Frames arriving meanwhile are kept, not published: the session's first listening frames
+        may overtake the Interrupted answer on the way to `resume_at`, and must not be lost.
+        """
+        self._paused = True
+        self._drop_before(math.inf)
+
+    def resume_at(self, index: int) -> None:
+        """Publish again from frame `index` on; earlier frames are dropped (0: the Interrupt got no
+        answer, publish what comes)."""
+        self._resume_index = max(self._resume_index, index)
+        self._drop_before(self._resume_index)
+        self._paused = False
+
+    def _drop_before(self, index: float) -> None:
+        kept = [f for f in self._buffer if f.index >= index]
+        self.stats.interrupted += len(self._buffer) - len(kept)
+        self._buffer = deque(kept)
 
     # --- the paced loop -------------------------------------------------------------------------------
 
@@ -115,7 +147,7 @@ class AvatarPublisher:
             while len(self._buffer) > self.max_buffer_frames:
                 self._buffer.popleft()
                 self.stats.dropped += 1
-            frame = self._buffer.popleft() if self._buffer else None
+            frame = self._buffer.popleft() if self._buffer and not self._paused else None
             await self._capture(frame, n)
             n += 1
 

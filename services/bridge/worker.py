@@ -6,7 +6,12 @@ Orders come from the Redis stream P:bridge:dispatch through the consumer group "
   own task; the order is acked once the room join has been tried (joined or failed: an order
   that cannot be carried out is not handed to another worker forever). A join for a session
   already held is acked and ignored (orders are idempotent).
-- leave: the session, if held, is stopped; acked either way.
+- leave: the session, if held, is stopped; acked either way. A leave goes to any worker of the
+  group, so a worker that does not hold the session forwards it to the one that does: each
+  worker records the sessions it holds (`SessionStore.set_bridge_owner`, refreshed every
+  `owner_refresh_s`, expiring after `owner_ttl_s` when the worker is gone), and polls its own
+  inbox (`read_bridge_inbox`) on every turn of its loop, full or not. Without that, the
+  session would only end once the gateway's stop ended its stream.
 The worker reads only as many orders as it has free session slots (`max_sessions`), so a full
 worker leaves orders to the others of the group. Orders a worker read but never acked (it died)
 stay pending in the group: every `claim_interval_s`, a worker with free slots claims those idle
@@ -62,6 +67,8 @@ class WorkerSettings:
     claim_idle_ms: int = 60_000  # take over orders pending this long (a dead worker's); 0: never
     claim_interval_s: float = 5.0
     grpc_target: str = ""  # where sessions stream (Serve's gRPC proxy); "": the order's grpc_target
+    owner_refresh_s: float = 10.0  # how often the records of the sessions held are refreshed
+    owner_ttl_s: float = 60.0  # a record not refreshed this long is gone (its worker died)
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -111,6 +118,7 @@ class BridgeWorker:
         self.counters: Counter[str] = Counter()
         self.ended: Counter[str] = Counter()
         self._stopping = asyncio.Event()
+        self._disowning: set[asyncio.Future[None]] = set()  # owner records being deleted (kept referenced)
         self.ready = False
 
     @property
@@ -122,8 +130,13 @@ class BridgeWorker:
         self.ready = True
         loop = asyncio.get_running_loop()
         next_claim = loop.time()  # at start too: a restarted worker takes over what its old self held
+        next_refresh = loop.time() + self.settings.owner_refresh_s
         try:
             while not self._stopping.is_set():
+                await self._forwarded()  # first: a full worker still hears the leaves of its sessions
+                if loop.time() >= next_refresh:
+                    next_refresh = loop.time() + self.settings.owner_refresh_s
+                    await self._refresh_owners()
                 if not self.free_slots:
                     await asyncio.sleep(0.2)
                     continue
@@ -159,15 +172,51 @@ class BridgeWorker:
             if action == "join":
                 await self._join(order)
             elif action == "leave":
-                held = self.sessions.get(str(order.get("session_id", "")))
-                if held is not None:
-                    held[0].stop(f"left: {order.get('reason', 'stopped')}")
+                await self._leave(order)
         except Exception as exc:
             self.counters["order_errors"] += 1
             log.warning("bridge %s: order %s failed: %r", self.settings.bridge_id, entry_id, exc)
         finally:
             with contextlib.suppress(Exception):
                 await self.store.ack_dispatch(entry_id)
+
+    async def _leave(self, order: dict[str, Any], forwarded: bool = False) -> None:
+        """Stop the session if held here; else hand the order to the worker that holds it."""
+        session_id = str(order.get("session_id", ""))
+        held = self.sessions.get(session_id)
+        if held is not None:
+            held[0].stop(f"left: {order.get('reason', 'stopped')}")
+            return
+        if forwarded or not session_id:  # forwarded once: never bounced on (the owner moved or is gone)
+            return
+        owner = await self.store.bridge_owner(session_id)
+        if owner and owner != self.settings.bridge_id:
+            await self.store.forward_to_bridge(owner, "leave", order)
+            self.counters["leaves_forwarded"] += 1
+
+    async def _forwarded(self) -> None:
+        """Carry out the orders other workers forwarded here (leaves of sessions held here)."""
+        try:
+            orders = await self.store.read_bridge_inbox(self.settings.bridge_id)
+        except Exception as exc:  # Redis down: the dispatch read reports it and retries
+            log.debug("bridge %s: reading the inbox failed: %r", self.settings.bridge_id, exc)
+            return
+        for _entry_id, action, order in orders:
+            self.counters[f"forwarded_{action}"] += 1
+            if action == "leave":
+                await self._leave(order, forwarded=True)
+
+    async def _own(self, session_id: str) -> None:
+        with contextlib.suppress(Exception):  # without the record, a leave read elsewhere is not forwarded
+            await self.store.set_bridge_owner(session_id, self.settings.bridge_id, self.settings.owner_ttl_s)
+
+    async def _refresh_owners(self) -> None:
+        for session_id in list(self.sessions):
+            await self._own(session_id)
+
+    async def _disown(self, session_id: str) -> None:
+        with contextlib.suppress(Exception):  # the record expires anyway
+            await self.store.clear_bridge_owner(session_id, self.settings.bridge_id)
 
     async def _join(self, raw: dict[str, Any]) -> None:
         if self.settings.grpc_target:
@@ -183,6 +232,7 @@ class BridgeWorker:
         self.sessions[order.session_id] = (session, task)
         self.counters["sessions_started"] += 1
         task.add_done_callback(lambda t, sid=order.session_id: self._session_done(sid, t))
+        await self._own(order.session_id)
         joined = asyncio.ensure_future(session.joined.wait())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
@@ -192,6 +242,9 @@ class BridgeWorker:
 
     def _session_done(self, session_id: str, task: asyncio.Task[str]) -> None:
         self.sessions.pop(session_id, None)
+        disown = asyncio.ensure_future(self._disown(session_id))
+        self._disowning.add(disown)
+        disown.add_done_callback(self._disowning.discard)
         if task.cancelled():
             reason = "cancelled"
         elif task.exception() is not None:
@@ -210,6 +263,8 @@ class BridgeWorker:
         for _, task in held:
             with contextlib.suppress(BaseException):
                 await task
+        if self._disowning:
+            await asyncio.gather(*self._disowning, return_exceptions=True)
 
     # --- probes ---------------------------------------------------------------------------------------
 

@@ -203,7 +203,10 @@ class AvatarStream:
         return False
 
     def _decode_frame(self, frame: pb.AvatarFrame) -> Frame:
-        if frame.frame_index != self.frames_received:
+        # After Interrupted the server drops the frames it had in flight (they carried the dropped
+        # speech): the next frame is Interrupted.frame_index, a jump forward that is expected.
+        resumed = frame.frame_index == self.interrupted_frame_index and frame.frame_index > self.frames_received
+        if frame.frame_index != self.frames_received and not resumed:
             warnings.warn(
                 f"frame_index: got {frame.frame_index}, expected {self.frames_received} (frames missing)",
                 ServerWarning,

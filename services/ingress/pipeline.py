@@ -128,6 +128,10 @@ class SessionPipeline:
         self.ready: asyncio.Queue[PendingBlock | None] = asyncio.Queue()
         self.feature_slots = asyncio.Semaphore(settings.prefetch_blocks)
         self.unsent_frame = 0  # the first frame not yet sent: its avatar audio is still to be read
+        # Frames below this were computed from avatar speech an Interrupt dropped: blocks still in
+        # flight there are held (not generated in full) and their frames never sent, so the first
+        # frame out after an Interrupted is its frame_index (see `_on_interrupt`).
+        self.discard_before = 0
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -179,7 +183,7 @@ class SessionPipeline:
                     elif kind == "video":
                         self.state.on_video(message.video)
                     elif kind == "interrupt":
-                        await self.out.put(pb.ServerMessage(interrupted=self.state.on_interrupt()))
+                        await self.out.put(pb.ServerMessage(interrupted=self._on_interrupt()))
                     elif kind == "end_of_input":
                         break
                     else:
@@ -191,6 +195,23 @@ class SessionPipeline:
         finally:
             self.state.ended = True
             self.input_event.set()
+
+    def _on_interrupt(self) -> pb.Interrupted:
+        """The avatar stops speaking: its audio after the generation cursor is dropped, and so are
+        the frames of the blocks in flight before it (scheduled, generating or decoding, not sent).
+
+        Those frames were computed from the dropped speech: sending them would keep the avatar
+        talking for the depth of the pipeline (a block or more) after the interruption. The
+        client's next frame is therefore `frame_index`, the first one generated without the speech
+        (`services.client.AvatarStream` expects that jump; frame indices never go back).
+        """
+        interrupted = self.state.on_interrupt()
+        self.discard_before = max(self.discard_before, interrupted.frame_index)
+        return interrupted
+
+    def _stale(self, first: int, frames: int) -> bool:
+        """Frames [first, first + frames) are all behind an interruption: they are never sent."""
+        return frames > 0 and first + frames <= self.discard_before
 
     # -- blocks ----------------------------------------------------------------------------
 
@@ -261,9 +282,14 @@ class SessionPipeline:
         # `prefetch_blocks` slots, held until the generator is done with the block: features run
         # at most that far ahead of generation, and a block dropped from a deep backlog never
         # computes them.
-        await self.feature_slots.acquire()
+        try:
+            await self.feature_slots.acquire()
+        except asyncio.CancelledError:  # the generator held the block meanwhile (backlog, interruption)
+            for call in (avatar, user, motion):
+                call.close()  # never started
+            raise
         block.has_slot = True
-        if self._too_far_behind(block):
+        if self._too_far_behind(block) or self._stale(block.first, block.frames):
             for call in (avatar, user, motion):
                 call.close()  # never started
             return None  # the generator holds this block with absent conditions
@@ -307,7 +333,13 @@ class SessionPipeline:
                 try:
                     backlog = self.ready.qsize()  # complete blocks waiting behind this one
                     decision = policy.decide(backlog=backlog) if self.settings.degrade else policy.decide(0)
-                    features = None if self._too_far_behind(block) else await block.features
+                    # A block behind an interruption is still generated (the generator's state
+                    # goes on in order) but held: one cheap pass instead of NFE, no features
+                    # waited for. Its frames are never sent.
+                    stale = self._stale(block.first, block.frames)
+                    features = None if stale or self._too_far_behind(block) else await block.features
+                    if features is not None and self._stale(block.first, block.frames):
+                        features = None  # an Interrupt came while they were computed: held too
                     if features is None:
                         block.features.cancel()
                         avatar = user = motion = zero_features(block.frames)
@@ -339,7 +371,9 @@ class SessionPipeline:
                         output_first_frame=response.first_frame,
                         output_frames=output,
                     )
-                    if output:
+                    if output and self._stale(response.first_frame, output):
+                        block.trace.end()  # generated from the dropped speech: not decoded, not sent
+                    elif output:
                         observe = policy.observe if self.settings.degrade else None
                         await decodes.put(asyncio.create_task(self._decode(ctx, response, block, level, observe)))
                     else:
@@ -371,6 +405,8 @@ class SessionPipeline:
         frames: list[pb.ServerMessage] = []
         for offset in range(0, latents.shape[0], DECODE_CHUNK):
             chunk = latents[offset : offset + DECODE_CHUNK]
+            if self._stale(response.first_frame + offset, count - offset if response.held else chunk.shape[0]):
+                continue  # an Interrupt came meanwhile: these frames are never sent
             decoded = await self._call(
                 block,
                 "decode",
@@ -395,6 +431,8 @@ class SessionPipeline:
                 ]
             for item in items:
                 index = item.frame_index
+                if index < self.discard_before:
+                    continue  # decoded before an Interrupt came: its audio and face are the dropped speech
                 audio = self.state.avatar.read(index * SAMPLES_PER_FRAME, (index + 1) * SAMPLES_PER_FRAME)
                 frames.append(
                     pb.ServerMessage(
@@ -414,13 +452,14 @@ class SessionPipeline:
                 )
         latency = self.clock() - block.ready_at
         block.trace.frames_ready(len(frames), level, latency)
-        if observe is not None:
+        if observe is not None and frames:  # a block an Interrupt dropped says nothing of the latency
             observe(latency)
         return frames
 
     async def _emit(self, ctx: SessionContext, decodes: asyncio.Queue) -> None:
         while (task := await decodes.get()) is not None:
-            messages = await task
+            # an Interrupt may have come while these waited: what it dropped is not sent
+            messages = [m for m in await task if m.frame.frame_index >= self.discard_before]
             for message in messages:
                 await self.out.put(message)
             if messages:  # their audio is in the messages now: the avatar timeline may forget it

@@ -25,8 +25,8 @@ class LocalService:
     redis_url: str
     config: str
     dev_secret: bool  # True: signed with this run's development secret
-    weights: str = "random"  # what the replicas load: "demo model", a folder, or "random"
     _secret: str = field(repr=False)
+    weights: str = "random"  # what the replicas load: "demo model", a folder, or "random"
     _redis: LocalRedis | None = field(default=None, repr=False)
     _own_ray: bool = field(default=False, repr=False)
     _restore_env: dict[str, str | None] = field(default_factory=dict, repr=False)

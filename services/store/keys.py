@@ -33,6 +33,10 @@ Keys (P = `Settings.redis_prefix`, default "af"; every id matches [A-Za-z0-9_-]{
     P:bridge:dispatch           stream  bridge dispatch: one entry per join/leave order for a LiveKit
                                         bridge (services.gateway.livekit; docs/gateway.md), read
                                         by bridge workers through the consumer group "bridges"
+    P:bridge:owner:{sid}        string  the bridge worker (bridge id) holding the session's room, with a
+                                        TTL its worker refreshes: where a leave order is forwarded
+    P:bridge:inbox:{bid}        stream  orders forwarded to one bridge worker (a leave that another
+                                        worker of the group read), read and deleted by that worker
     P:replica:{rid}:alive       string  TTL of the replica TTL: the replica is alive while it exists
     P:replica:{rid}:sessions    set     the session ids the replica owns
     P:replicas                  set     replica ids seen (dropped when dead and owning nothing)
@@ -78,6 +82,8 @@ class KeyKind(enum.StrEnum):
     REPLICA_SESSIONS = "replica sessions"
     REPLICAS = "replicas"
     BRIDGE_DISPATCH = "bridge dispatch"
+    BRIDGE_OWNER = "bridge owner"
+    BRIDGE_INBOX = "bridge inbox"
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,12 @@ class KeySchema:
     def bridge_dispatch(self) -> str:
         return f"{self.prefix}:bridge:dispatch"
 
+    def bridge_owner(self, session_id: str) -> str:
+        return f"{self.prefix}:bridge:owner:{session_id}"
+
+    def bridge_inbox(self, bridge_id: str) -> str:
+        return f"{self.prefix}:bridge:inbox:{bridge_id}"
+
     # -- replicas ----------------------------------------------------------------------------
 
     def replica_alive(self, replica_id: str) -> str:
@@ -204,6 +216,10 @@ class KeySchema:
             return ParsedKey(KeyKind.TENANTS)
         if rest == "bridge:dispatch":
             return ParsedKey(KeyKind.BRIDGE_DISPATCH)
+        if match := re.fullmatch(rf"bridge:owner:({_ID})", rest):
+            return ParsedKey(KeyKind.BRIDGE_OWNER, session_id=match[1])
+        if rest.startswith("bridge:inbox:"):
+            return ParsedKey(KeyKind.BRIDGE_INBOX)
         if match := re.fullmatch(rf"session:({_ID})(?::([^:]+))?", rest):
             sid, part = match.groups()
             if part is None:

@@ -114,6 +114,17 @@ def test_clear_buffer_stops_speech_within_one_block_and_reports_the_position_pla
         if not frame_marker(np.frombuffer(video.data, np.uint8).reshape(video.height, video.width, 3))[1]
     )
     assert first_listening - cleared_at <= (2 * block + 2) * 0.04 + 1e-6
+
+    # and no talking face is published after the clear either: the frames buffered or in flight
+    # (generated with the cleared speech, before Interrupted.frame_index) are dropped, the last
+    # image published before the clear is held until the first listening frame
+    def marker(video: rtc.VideoFrame) -> int:
+        return frame_marker(np.frombuffer(video.data, np.uint8).reshape(video.height, video.width, 3))[0]
+
+    last_before = marker([video for t, _, video, _ in published if t <= cleared_at][-1])
+    shown = [marker(video) for t, _, video, _ in published if cleared_at < t < cleared_at + 1.0]
+    assert all(i == last_before or i >= index for i in shown), (last_before, index, shown)
+    assert shown[-1] >= index and call.session.publisher.stats.interrupted > 0
     assert after.interrupted is False and after.playback_position == pytest.approx(0.5, abs=1e-6)
     assert [round(p, 2) for _, p, _ in call.session.stats.finished][1:] == [0.5]
     assert len(call.finished) == 2  # exactly once per segment

@@ -259,6 +259,15 @@ def test_a_ten_minute_call_keeps_its_cadence_alignment_and_memory():
         await call.start()
         await wait_until(lambda: call.published(), 5)
         loop = asyncio.get_running_loop()
+        publisher = call.session.publisher
+        on_published, held_at = publisher.on_published, []
+
+        def record_held(index):
+            if index is None:
+                held_at.append(loop.time())
+            on_published(index)
+
+        publisher.on_published = record_held
         segments = interrupted = 0
         end_at = loop.time() + minutes * 60
         while loop.time() < end_at - 20:
@@ -275,14 +284,20 @@ def test_a_ten_minute_call_keeps_its_cadence_alignment_and_memory():
         await asyncio.sleep(max(0.0, end_at - loop.time()))
         await call.end()
         await human.leave()
-        return call, segments, interrupted, buffered_max, pending
+        return call, segments, interrupted, buffered_max, pending, held_at
 
-    call, segments, interrupted, buffered_max, pending = run_virtual(main)
+    call, segments, interrupted, buffered_max, pending, held_at = run_virtual(main)
     published = call.published()
     times = np.array([t for t, *_ in published])
     assert len(published) == pytest.approx(minutes * 60 * 25, abs=30)
     assert times[-1] - times[0] == pytest.approx((len(times) - 1) * FRAME, abs=1e-6)  # no drift in 10 minutes
-    assert call.session.publisher.stats.held == 0 and call.session.publisher.stats.dropped == 0
+    assert call.session.publisher.stats.dropped == 0
+    # the image is held only right after a clear (its talking frames dropped, the listening ones
+    # not there yet), never for more than one block plus a tick
+    clears = call.session.stats.clear_at
+    block = call.stream.block
+    assert len(clears) == interrupted and len(held_at) <= interrupted * (block + 1), len(held_at)
+    assert all(any(0 <= t - c <= (block + 1) * FRAME + 1e-6 for c in clears) for t in held_at)
     assert len(call.finished) == segments  # exactly one report per segment
     assert sum(e.interrupted for e in call.finished) == interrupted
     assert [round(e.playback_position, 3) for e in call.finished if not e.interrupted] == [4.0] * (

@@ -4,6 +4,7 @@ into one process holding several sessions (in-memory rooms, fake session backend
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 
@@ -219,6 +220,59 @@ def test_orders_a_dead_worker_left_pending_are_claimed_once_after_min_idle(redis
     assert counters["orders_claimed"] == 2 and counters["joins_expired"] == 1
     assert counters["sessions_started"] == 2 and counters["orders_join"] == 3
     assert again == []
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.xpending(f"{prefix}:bridge:dispatch", "bridges")["pending"] == 0
+    finally:
+        client.close()
+
+
+def test_a_leave_read_by_a_worker_not_holding_the_session_is_forwarded_to_its_owner(redis_url, prefix):
+    """b1 holds ses0 and is full, so the group hands the leave to b2: b2 forwards it to b1's inbox
+    and b1 ends the session (before, b2 acked and dropped it, and the session went on)."""
+    servers = {"room0": MemoryServer("room0")}
+
+    def worker(store: SessionStore, bridge_id: str, max_sessions: int) -> BridgeWorker:
+        settings = WorkerSettings(redis_url=redis_url, redis_prefix=prefix, bridge_id=bridge_id,
+                                  max_sessions=max_sessions, block_ms=100, claim_idle_ms=0)  # fmt: skip
+        return BridgeWorker(
+            store,
+            settings,
+            room_factory=lambda o: servers[o.room].room(o.avatar_identity, rtc.ParticipantKind.PARTICIPANT_KIND_AGENT),
+            backend=FakeBackend(),
+        )
+
+    async def main():
+        store = SessionStore(redis_url, prefix, timeout_s=5.0)
+        await store.ensure_dispatch_group()
+        owner, other = worker(store, "b1", 1), worker(store, "b2", 4)
+        tasks = [asyncio.create_task(owner.run())]
+        await store.dispatch_bridge("join", join_order(0))
+        await wait_until(lambda: "ses0" in owner.sessions, 10)
+        session = owner.sessions["ses0"][0]
+        recorded = await store.bridge_owner("ses0")
+        tasks.append(asyncio.create_task(other.run()))  # b1 is full: the group's next order is b2's
+        await store.dispatch_bridge("leave", {"session_id": "ses0", "reason": "stopped"})
+        with contextlib.suppress(TimeoutError):
+            await wait_until(lambda: not owner.sessions, 10)
+        held_after = sorted(owner.sessions)
+        await asyncio.sleep(0.3)  # the ended session's owner record is deleted
+        after = await store.bridge_owner("ses0")
+        inbox = await store.read_bridge_inbox("b1")
+        for w in (owner, other):
+            await w.aclose()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await store.aclose()
+        return session, recorded, held_after, after, inbox, owner.counters, other.counters
+
+    session, recorded, held_after, after, inbox, owner_counters, other_counters = asyncio.run(main())
+    assert recorded == "b1"
+    assert other_counters["orders_leave"] == 1 and other_counters["leaves_forwarded"] == 1
+    assert owner_counters["orders_leave"] == 0 and owner_counters["forwarded_leave"] == 1
+    assert held_after == [] and session.reason == "left: stopped"  # the owner ended it
+    assert after is None and inbox == []  # its record went with it; the inbox holds nothing
     client = redis.Redis.from_url(redis_url)
     try:
         assert client.xpending(f"{prefix}:bridge:dispatch", "bridges")["pending"] == 0

@@ -311,3 +311,66 @@ def test_a_deep_backlog_holds_blocks_without_computing_their_features(model, med
     assert {f.timing.degradation for f in got} >= {2}
     print("levels", [f.timing.degradation for f in got[::10]], counts)
     assert counts["extract"] < 2 * 12  # some blocks never computed their audio features
+
+
+def test_an_interrupt_drops_the_blocks_in_flight_and_resumes_at_its_frame(model, media, redis_url, prefix):
+    """Interrupt while blocks of speech are in flight (scheduled, not yet generated): they are held,
+    never decoded nor sent, and the next frame out is Interrupted.frame_index, generated without
+    the speech. Sending them (as the pipeline did) kept the avatar talking for the pipeline's depth."""
+    portrait_png, speech, user, frames = media
+    user, frames = np.tile(user, 3), np.concatenate([frames] * 3)  # 120 frames: 60 with speech, 60 after
+    speech = speech[: 60 * 640] if speech.shape[0] >= 60 * 640 else np.tile(speech, 2)[: 60 * 640]
+    interrupted = asyncio.Event()
+
+    def messages():
+        talking = client_messages(portrait_png, speech, user[: 60 * 640], frames[:60], chunk=6400)
+        yield from (m for m in talking if m.WhichOneof("message") != "end_of_input")
+        yield pb.ClientMessage(interrupt=pb.Interrupt())
+        interrupted.set()  # runs when the next message is asked for: the Interrupt was handled
+        silence = np.zeros(60 * 640, np.int16)
+        listening = client_messages(portrait_png, silence, user[60 * 640 :], frames[60:], chunk=6400)
+        for message in listening:
+            kind = message.WhichOneof("message")
+            if kind == "audio":
+                message.audio.timestamp_us += 60 * 40_000
+            elif kind == "video":
+                message.video.timestamp_us += 60 * 40_000
+            if kind != "start":
+                yield message
+
+    async def main():
+        store = SessionStore(redis_url, prefix=prefix)
+        stages = stages_for(model, store)
+        generate, decode, calls, decoded = stages.generate_block, stages.decode, [], []
+
+        async def stalled_generate(request):
+            calls.append((request.first_frame, request.hold))
+            if len(calls) == 2:
+                await interrupted.wait()  # blocks of speech are scheduled behind this one meanwhile
+            return await generate(request)
+
+        async def recorded_decode(request):
+            response = await decode(request)
+            decoded.extend(f.frame_index for f in response.frames)
+            return response
+
+        stages.generate_block, stages.decode = stalled_generate, recorded_decode
+        pipeline = SessionPipeline(stages, store, IngressSettings(image_size=64, degrade=False), "acme")
+        out = [m async for m in pipeline.run(iterate(messages()))]
+        await store.aclose()
+        return out[1:], calls, decoded
+
+    out, calls, decoded = asyncio.run(main())
+    kinds = [m.WhichOneof("message") for m in out]
+    assert kinds.count("interrupted") == 1
+    at = kinds.index("interrupted")
+    n = out[at].interrupted.frame_index
+    assert 50 <= n <= 60 and n % 10 == 0, n  # the generation cursor: every block of speech was scheduled
+    before = [m.frame.frame_index for m in out[:at]]
+    after = [m.frame for m in out[at + 1 :] if m.WhichOneof("message") == "frame"]
+    assert before == list(range(len(before))) and len(before) < n
+    # the frames in flight are dropped: the next frame is the first generated without the speech
+    assert [f.frame_index for f in after] == list(range(n, 120))
+    assert not any(np.any(np.frombuffer(f.audio_pcm_s16le, np.int16)) for f in after)
+    assert any(hold for first, hold in calls if first < n)  # the stale blocks were held, not generated in full
+    assert not set(decoded) & set(range(len(before), n))  # and never decoded
