@@ -29,7 +29,7 @@ RANDOM_INIT_BANNER = """\
 
 
 DEMO_MODEL_NOTE = (
-    "note: no --weights: using the shipped demo model ({path}), trained in the synthetic world "
+    "note: no --weights: using the installed demo model ({path}), trained in the synthetic world "
     "(docs/synthetic-world.md). It animates the synthetic faces it was trained on; for photographs "
     "convert the released checkpoints and pass --weights DIR."
 )
@@ -37,7 +37,9 @@ DEMO_MODEL_NOTE = (
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--weights", type=Path, help="weights folder (`avatar-forcing convert`, `train`); default: the demo model"
+        "--weights",
+        type=Path,
+        help="weights folder (`avatar-forcing convert`, `train`); default: the demo model",
     )
     parser.add_argument("--random-init", action="store_true", help="random weights (smoke runs only)")
     parser.add_argument(
@@ -186,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "avatar_forcing.apps.eval", "motion metrics (rPCC, SID, Var, FD) and engine latency -> JSON"),
         ("train", "avatar_forcing.apps.train", "diffusion-forcing training or DPO (--dpo), one process or Ray Train"),
         ("train-autoencoder", "avatar_forcing.apps.train_autoencoder", "motion auto-encoder on a manifest's faces"),
-        ("build-demo", "avatar_forcing.synthetic.demo_model", "rebuild the shipped demo model on CPU"),
+        ("build-demo", "avatar_forcing.synthetic.demo_model", "build the demo model on CPU (synthetic world)"),
         ("synth-ablation", "avatar_forcing.synthetic.ablation", "the paper's Table 4 on held-out synthetic talks"),
         ("synth", "avatar_forcing.synthetic.cli", "synthetic dyadic conversations (faces, voices) -> manifest"),
     ):

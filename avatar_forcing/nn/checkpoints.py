@@ -26,6 +26,7 @@ from torch import Tensor
 
 from avatar_forcing.config import ModelConfig, paper
 from avatar_forcing.nn.model import AvatarForcing
+from avatar_forcing.nn.quantized import dequantize
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -
                 f"(containing {CONFIG_FILE} and {WEIGHTS_FILE})"
             )
     model = AvatarForcing(ModelConfig.load(config_path))
-    state = load_file(weights_path)
+    state = dequantize(load_file(weights_path))  # int8-stored matrices (the demo model) back to float
     check_state(model.state_dict(), state, str(weights_path))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

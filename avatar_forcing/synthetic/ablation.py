@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from avatar_forcing.synthetic.demo_model import HELD_OUT_SEED, Recipe, run_command
+from avatar_forcing.synthetic.demo_model import HELD_OUT_SEED, Recipe, df_arguments, run_command
 
 VARIANTS = (
     ("a", "w/o user motion", "df-no-user-motion-final", False),
@@ -57,13 +57,7 @@ def train_no_user_motion(work: Path, recipe: Recipe) -> Path:
     out = work / "df-no-user-motion-final"
     if (out / "model.safetensors").exists():
         return out
-    argv = [
-        "--data", str(work / "prepared-train"), "--val-data", str(work / "prepared-val"),
-        "--init-weights", str(work / "autoencoder"), "--out", str(work / "df-no-user-motion"), "--export", str(out),
-        "--steps", str(recipe.df_steps), "--lr", str(recipe.df_lr), "--warmup-steps", "200", "--ema-decay", "0.999",
-        "--batch-size", str(recipe.batch_size), "--val-every", "500", "--checkpoint-every", "1000", "--quiet",
-        "--drop-user-motion", "1",
-    ]  # fmt: skip
+    argv = [*df_arguments(work, recipe, "df-no-user-motion"), "--drop-user-motion", "1"]
     if run_command("train", argv) != 0:
         raise RuntimeError("training variant (a) failed")
     return out

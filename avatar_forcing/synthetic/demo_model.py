@@ -1,7 +1,7 @@
-"""`avatar-forcing build-demo`: rebuild the shipped demo model from nothing, on CPU.
+"""`avatar-forcing build-demo`: build the demo model from nothing, on CPU.
 
     avatar-forcing build-demo --work runs/demo             # every step's output under runs/demo
-    avatar-forcing build-demo --work runs/demo --install   # ... then replace the shipped model
+    avatar-forcing build-demo --work runs/demo --install   # ... then install it as the default model
 
 Each step is one of the project's own commands, called with the arguments the model's
 `training_record.json` lists:
@@ -42,14 +42,14 @@ HELD_OUT_SEED = 100_000
 
 @dataclass(frozen=True)
 class Recipe:
-    """The sizes of one build. The defaults are the shipped model's (under an hour on 2 cores)."""
+    """The sizes of one build (the defaults: the recipe measured in docs/synthetic-world.md)."""
 
     train_conversations: int = 32
     val_conversations: int = 4
     seconds: float = 20.0
     autoencoder_steps: int = 4000
-    df_steps: int = 2500
-    dpo_steps: int = 500
+    df_steps: int = 1200
+    dpo_steps: int = 100
     batch_size: int = 16
     df_lr: float = 5e-4
     dpo_lr: float = 2e-5
@@ -63,14 +63,25 @@ class Recipe:
 
 
 def weights_dir() -> Path:
-    """The shipped demo model's folder (a weights folder for `--weights` / AF_WEIGHTS_DIR)."""
+    """The installed demo model's folder (a weights folder for `--weights` / AF_WEIGHTS_DIR)."""
     return DEMO_MODEL_DIR
+
+
+def df_arguments(work: Path, recipe: Recipe, name: str) -> list[str]:
+    """`train` arguments of the diffusion-forcing step, writing WORK/NAME and WORK/NAME-final."""
+    r = recipe
+    return [
+        "--data", str(work / "prepared-train"), "--val-data", str(work / "prepared-val"),
+        "--init-weights", str(work / "autoencoder"), "--out", str(work / name), "--export", str(work / f"{name}-final"),
+        "--steps", str(r.df_steps), "--lr", str(r.df_lr), "--warmup-steps", "100", "--ema-decay", "0.99",
+        "--batch-size", str(r.batch_size), "--val-every", "400", "--checkpoint-every", "400", "--quiet",
+    ]  # fmt: skip
 
 
 def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
     """(command, argv, the output that marks it done), in order."""
     r = recipe
-    train_every = ["--batch-size", str(r.batch_size), "--val-every", "500", "--checkpoint-every", "1000", "--quiet"]
+    train_every = ["--batch-size", str(r.batch_size), "--val-every", "400", "--checkpoint-every", "400", "--quiet"]
     return [
         (
             "synth",
@@ -88,7 +99,7 @@ def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
             "train-autoencoder",
             ["--manifest", str(work / "synth-train" / "manifest.jsonl"),
              "--val-manifest", str(work / "synth-val" / "manifest.jsonl"),
-             "--random-init", "--config", "tiny", "--out", str(work / "autoencoder"),
+             "--random-init", "--config", "demo", "--out", str(work / "autoencoder"),
              "--steps", str(r.autoencoder_steps), "--detect-every", str(r.detect_every), "--quiet"],
             work / "autoencoder" / "model.safetensors",
         ),
@@ -104,10 +115,7 @@ def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
         ],
         (
             "train",
-            ["--data", str(work / "prepared-train"), "--val-data", str(work / "prepared-val"),
-             "--init-weights", str(work / "autoencoder"), "--out", str(work / "df"), "--export", str(work / "df-final"),
-             "--steps", str(r.df_steps), "--lr", str(r.df_lr), "--warmup-steps", "200", "--ema-decay", "0.999",
-             *train_every],
+            df_arguments(work, r, "df"),
             work / "df-final" / "model.safetensors",
         ),
         (
@@ -128,14 +136,17 @@ def run_command(name: str, argv: list[str]) -> int:
 
 
 def export(source: Path, out: Path, record: dict) -> Path:
-    """A weights folder -> `out` with float16 weights (half the bytes; loading casts back to the
-    model's float32), the config and the training record."""
+    """A weights folder -> `out` in at most ~20 MB: the flow transformer's matrices in int8 with a
+    scale per row (`nn/quantized.py`), everything else in float16; loading restores float32.
+    Also the config and the training record."""
     from safetensors.torch import load_file, save_file
 
-    state = load_file(source / "model.safetensors")
-    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    from avatar_forcing.nn.quantized import quantize_int8
+
+    state = quantize_int8(load_file(source / "model.safetensors"), ("flow_transformer.",))
+    small = {k: v.half() if v.is_floating_point() and v.dtype != torch.float16 else v for k, v in state.items()}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(half, out / "model.safetensors", metadata={"format": "avatar-forcing", "config": "tiny"})
+    save_file(small, out / "model.safetensors", metadata={"format": "avatar-forcing", "config": "demo"})
     shutil.copyfile(source / "config.json", out / "config.json")
     (out / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out
@@ -194,7 +205,7 @@ def build(work: Path, recipe: Recipe, log: Callable[[str], None] = print) -> Pat
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avatar-forcing build-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="folder for every step's output (resumable)")
-    parser.add_argument("--install", action="store_true", help=f"copy the result over the shipped {DEMO_MODEL_DIR}")
+    parser.add_argument("--install", action="store_true", help="install the result as the default model")
     parser.add_argument("--quick", action="store_true", help="toy sizes: minutes, a smoke run of the path")
     return parser
 

@@ -3,7 +3,7 @@
     model = load_model(settings)   # AvatarForcing in eval mode, on cuda when available
 
 `settings.weights_dir` set: the converted checkpoint there (`avatar_forcing.nn.checkpoints.load_pretrained`);
-the value `demo` names the shipped demo model (`avatar_forcing.synthetic.demo_model`, tiny preset).
+the value `demo` names the installed demo model (`avatar_forcing.synthetic.demo_model`, tiny preset).
 Unset: random weights of `settings.model_preset`, seeded so that every replica and process builds
 the same weights (smoke runs and tests only: the output is not a face), with a loud warning.
 
@@ -27,7 +27,7 @@ from services.common.config import Settings
 log = logging.getLogger(__name__)
 
 RANDOM_SEED = 0  # every process builds the same random weights
-DEMO_WEIGHTS = "demo"  # AF_WEIGHTS_DIR=demo: the shipped demo model
+DEMO_WEIGHTS = "demo"  # AF_WEIGHTS_DIR=demo: the installed demo model
 
 _lock = threading.Lock()
 _models: dict[tuple[str, str, str], AvatarForcing] = {}
@@ -38,7 +38,7 @@ def default_device() -> torch.device:
 
 
 def resolve_weights(weights_dir: Path) -> Path:
-    """A weights folder, absolute; `demo` is the shipped demo model's folder."""
+    """A weights folder, absolute; `demo` is the installed demo model's folder."""
     if str(weights_dir) == DEMO_WEIGHTS:
         from avatar_forcing.synthetic.demo_model import weights_dir as demo_weights
 

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", choices=PRESETS, help="model preset (default: tiny on CPU, paper with a GPU)")
     parser.add_argument(
-        "--weights", type=Path, help="weights folder (default: tiny: the shipped demo model; paper: random)"
+        "--weights", type=Path, help="weights folder (default: tiny: an installed demo model; else random)"
     )
     parser.add_argument("--random-init", action="store_true", help="random weights (smoke runs only)")
     parser.add_argument(

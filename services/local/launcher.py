@@ -129,7 +129,7 @@ def replica_environment(
 
 def choose_weights(preset: str, weights: str | Path | None, random_init: bool) -> Path | None:
     """The folder the replicas load, or None for random weights: `weights` when given; else, for
-    the tiny preset, the shipped demo model (a face that talks, not noise) unless `random_init`."""
+    the tiny preset, an installed demo model (`build-demo --install`) unless `random_init`."""
     if weights is not None:
         return Path(weights)
     from avatar_forcing.synthetic.demo_model import weights_dir as demo_weights
@@ -175,7 +175,7 @@ def start_local(
     `app_args` are further `services.app.build_app` arguments, `env` further
     environment for the replicas. `gateway_port` (0: a free one): also run the gateway there, with
     a demo tenant (`services.local.gateway`); `gateway_admin_token` None: AF_GATEWAY_ADMIN_TOKEN, else
-    a random one. Without `weights`, the tiny preset serves the shipped demo model
+    a random one. Without `weights`, the tiny preset serves an installed demo model
     (`avatar_forcing.synthetic.demo_model`) unless `random_init`; other presets random weights.
     On any failure what was started is stopped again."""
     preset = config or default_preset()

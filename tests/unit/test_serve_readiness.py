@@ -25,18 +25,23 @@ def test_replica_environment_runs_ray_workers_at_default_priority(tmp_path: Path
     assert kept["AF_WEIGHTS_DIR"] == str(tmp_path.resolve())
 
 
-def test_serve_loads_the_demo_model_by_default_for_tiny(tmp_path: Path):
-    from avatar_forcing.synthetic.demo_model import weights_dir
+def test_serve_loads_an_installed_demo_model_by_default_for_tiny(tmp_path: Path, monkeypatch):
+    from avatar_forcing.synthetic import demo_model
     from services.common.config import Settings
     from services.common.model_loader import resolve_weights
 
-    assert launcher.choose_weights("tiny", None, random_init=False) == weights_dir()
+    demo = tmp_path / "demo-model"
+    demo.mkdir()
+    monkeypatch.setattr(demo_model, "DEMO_MODEL_DIR", demo)
+    assert launcher.choose_weights("tiny", None, random_init=False) is None  # not installed: random weights
+    (demo / "model.safetensors").write_bytes(b"")
+    assert launcher.choose_weights("tiny", None, random_init=False) == demo
     assert launcher.choose_weights("tiny", None, random_init=True) is None  # --random-init: smoke runs
     assert launcher.choose_weights("paper", None, random_init=False) is None  # no paper-size demo model
     assert launcher.choose_weights("tiny", tmp_path, random_init=False) == tmp_path
-    assert launcher.describe_weights(weights_dir()) == "demo model" and launcher.describe_weights(None) == "random"
+    assert launcher.describe_weights(demo) == "demo model" and launcher.describe_weights(None) == "random"
     # the deployments' spelling of the same default (compose, k8s): AF_WEIGHTS_DIR=demo
-    assert resolve_weights(Settings.from_env({"AF_WEIGHTS_DIR": "demo"}).weights_dir) == weights_dir().resolve()
+    assert resolve_weights(Settings.from_env({"AF_WEIGHTS_DIR": "demo"}).weights_dir) == demo.resolve()
 
 
 def _args(*extra: str):
