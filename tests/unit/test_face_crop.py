@@ -116,3 +116,13 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(portrait: np.ndarray)
         FaceCropper(0)
     with pytest.raises(ValueError, match="detect_every"):
         FaceCropper(64, detect_every=0)
+
+
+def test_the_synthetic_sample_portrait_and_user_video_have_findable_faces():
+    """scripts/demo.sh feeds samples/synthetic/ to an installed demo model: `generate` crops the
+    portrait with `crop_portrait` and the user video with `crop_video`, and both must find the face."""
+    cropper = FaceCropper(64)
+    crop = cropper.crop_portrait(load_image(SAMPLES / "synthetic" / "portrait.png"), "synthetic portrait")
+    assert crop.shape == (64, 64, 3)
+    user = read_video(SAMPLES / "synthetic" / "user.mp4").frames
+    assert cropper.crop_video(user, "synthetic user").shape == (len(user), 64, 64, 3)
