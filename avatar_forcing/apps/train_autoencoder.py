@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--motion-weight", type=float, default=0.0,
+        help="extra loss weight where driving and source crops differ (0: uniform L1; the demo uses 4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pair-candidates", type=int, default=1,
+        help="drivings drawn per source crop, the most different one kept (1: uniform pairs; the demo uses 4)",
+    )  # fmt: skip
     p.add_argument("--detect-every", type=int, default=5, help="face detection on every k-th frame (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--quiet", action="store_true")
@@ -47,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     from avatar_forcing.config import preset
     from avatar_forcing.nn.checkpoints import load_pretrained, save_pretrained
     from avatar_forcing.nn.model import random_model
-    from avatar_forcing.training.autoencoder import AutoEncoderOptions, load_face_crops, train_autoencoder
+    from avatar_forcing.training.autoencoder import (
+        AutoEncoderOptions,
+        load_face_crops,
+        start_with_identity_warp,
+        train_autoencoder,
+    )
     from avatar_forcing.training.data.manifest import read_manifest
 
     args = build_parser().parse_args(argv)
@@ -55,16 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         print("error: pass exactly one of --init-weights DIR or --random-init", file=sys.stderr)
         return 2
     try:
-        options = AutoEncoderOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        options = AutoEncoderOptions(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            motion_weight=args.motion_weight,
+            pair_candidates=args.pair_candidates,
+        )
         if args.detect_every < 1:
             raise ValueError(f"--detect-every: expected >= 1, got {args.detect_every}")
         if args.threads:
             torch.set_num_threads(args.threads)
-        model = (
-            load_pretrained(args.init_weights)
-            if args.init_weights
-            else random_model(preset(args.config), args.init_seed)
-        )
+        if args.init_weights:
+            model = load_pretrained(args.init_weights)
+        else:
+            model = random_model(preset(args.config), args.init_seed)
+            start_with_identity_warp(model.motion_autoencoder)
         size = model.config.motion_autoencoder.image_size
 
         def crops(manifest: Path) -> list:

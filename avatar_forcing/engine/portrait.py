@@ -30,7 +30,8 @@ class PortraitEncoding:
         return sum(t.numel() * t.element_size() for t in [self.identity, *self.feature_maps])
 
 
-def _images_to_tensor(mae: MotionAutoEncoder, crops: np.ndarray, name: str) -> Tensor:
+def images_to_tensor(mae: MotionAutoEncoder, crops: np.ndarray, name: str) -> Tensor:
+    """(n, S, S, 3) uint8 face crops -> (n, 3, S, S) in [-1, 1] on `mae`'s device and dtype; NAME in errors."""
     size = mae.config.image_size
     if not isinstance(crops, np.ndarray) or crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
         got = f"{crops.dtype} {crops.shape}" if isinstance(crops, np.ndarray) else type(crops).__name__
@@ -54,7 +55,7 @@ def _chunks(n: int, max_batch: int) -> list[slice]:
 @torch.no_grad()
 def encode_portrait(mae: MotionAutoEncoder, crop: np.ndarray) -> PortraitEncoding:
     """A portrait face crop (S, S, 3) -> identity latent, feature maps and reference motion."""
-    encoded = mae.encode(_images_to_tensor(mae, crop[None], "portrait"))
+    encoded = mae.encode(images_to_tensor(mae, crop[None], "portrait"))
     return PortraitEncoding(encoded.identity, encoded.feature_maps, encoded.reference_motion[0].float().cpu())
 
 
@@ -75,7 +76,7 @@ def encode_user_motion(mae: MotionAutoEncoder, crops: np.ndarray, batch_size: in
     """User face crops (n, S, S, 3) -> user motion latents (n, 512), at most `batch_size` crops a pass."""
     if len(crops) == 0:
         return torch.zeros(0, mae.config.style_dim)
-    images = _images_to_tensor(mae, crops, "user_frames")  # checked and converted once, all crops
+    images = images_to_tensor(mae, crops, "user_frames")  # checked and converted once, all crops
     return torch.cat([mae.encode_motion(images[chunk]).float().cpu() for chunk in _chunks(len(crops), batch_size)])
 
 

@@ -153,13 +153,16 @@ def bootstrap(
 
 def run(work: Path, options: AblationOptions, recipe: Recipe, log=print) -> dict:
     """Every row of the table with its intervals, as a JSON-able dict."""
-    from avatar_forcing.nn.checkpoints import load_pretrained
+    from avatar_forcing.config import ModelConfig
+    from avatar_forcing.nn.checkpoints import CONFIG_FILE, load_pretrained
 
     torch.manual_seed(options.seed)
     start = time.perf_counter()
     train_no_user_motion(work, recipe)
     log(f"variant (a) trained ({time.perf_counter() - start:.0f} s)")
-    convs = held_out_conversations(options, 64)
+    # crops at the size the variants' auto-encoder takes (they share it: one `prepare`)
+    image_size = ModelConfig.load(work / VARIANTS[0][2] / CONFIG_FILE).motion_autoencoder.image_size
+    convs = held_out_conversations(options, image_size)
     gt = [families(c["avatar_crops"]) for c in convs]
     user = [families(c["user_crops"]) for c in convs]
     rows = {}
@@ -190,6 +193,7 @@ def run(work: Path, options: AblationOptions, recipe: Recipe, log=print) -> dict
     return {
         "options": options.__dict__,
         "held_out_seeds": [HELD_OUT_SEED, HELD_OUT_SEED + options.conversations - 1],
+        "image_size": image_size,
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -218,7 +222,8 @@ def markdown(result: dict, command: str) -> str:
         f"interval over conversations ({result['options']['bootstrap']} rounds) in brackets.",
         "",
         "Expression = (mouth_open, smile, blink), pose = (yaw, pitch, roll), read by the extractor from",
-        "64 x 64 face crops for every row, the ground truth included. rPCC: lower is better (the",
+        f"{result['image_size']} x {result['image_size']} face crops for every row, the ground truth included. "
+        "rPCC: lower is better (the",
         "avatar-user correlation is closer to the ground truth's). SID, Var: higher is richer motion",
         "(the ground truth's own values are the reference). FD: lower is closer to the ground truth.",
         "",

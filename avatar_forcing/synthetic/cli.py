@@ -10,6 +10,8 @@ user.mp4, avatar.wav, user.wav and params.npz (the per-frame ground truth; docs/
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 
@@ -19,13 +21,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conversations", type=int, default=1, help="how many conversations (default 1)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each, seconds (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first conversation (default 0)")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering at once (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no per-conversation lines")
     return parser
 
 
+def write_one(out: Path, seed: int, seconds: float) -> dict[str, str]:
+    """Conversation `seed` into OUT/synth-<seed>/; its manifest entry (paths relative to OUT)."""
+    from avatar_forcing.synthetic.world import generate_conversation, write_conversation
+
+    conv_id = f"synth-{seed}"
+    names = write_conversation(generate_conversation(seed, seconds), out / conv_id)
+    return {"id": conv_id, **{field: f"{conv_id}/{name}" for field, name in names.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write synthetic dyadic conversations and their manifest."""
-    from avatar_forcing.synthetic.world import generate_conversation, write_conversation
     from avatar_forcing.training.data.manifest import write_manifest
 
     args = build_parser().parse_args(argv)
@@ -33,15 +44,27 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --conversations: expected >= 1")
     if args.seconds < 1.0:
         raise SystemExit("error: --seconds: expected >= 1.0")
+    if args.workers < 1:
+        raise SystemExit("error: --workers: expected >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
+    seeds = [args.seed + k for k in range(args.conversations)]
+    workers = min(args.workers, len(seeds))
+    # every conversation draws from its own seed, so the processes' order changes no byte;
+    # spawned, not forked: the parent may hold torch's thread pools
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 1 else None
+    if pool:
+        jobs = pool.map(write_one, [args.out] * len(seeds), seeds, [args.seconds] * len(seeds))
+    else:
+        jobs = (write_one(args.out, s, args.seconds) for s in seeds)
     entries = []
-    for k in range(args.conversations):
-        seed = args.seed + k
-        conv_id = f"synth-{seed}"
-        names = write_conversation(generate_conversation(seed, args.seconds), args.out / conv_id)
-        entries.append({"id": conv_id, **{field: f"{conv_id}/{name}" for field, name in names.items()}})
-        if not args.quiet:
-            print(f"{conv_id}: {args.seconds:g} s")
+    try:
+        for entry in jobs:
+            entries.append(entry)
+            if not args.quiet:
+                print(f"{entry['id']}: {args.seconds:g} s")
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     write_manifest(args.out / "manifest.jsonl", entries)
     if not args.quiet:
         print(f"wrote {args.out / 'manifest.jsonl'}: {len(entries)} conversations")

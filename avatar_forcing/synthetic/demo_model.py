@@ -44,10 +44,12 @@ HELD_OUT_SEED = 100_000
 class Recipe:
     """The sizes of one build (the defaults: the recipe measured in docs/synthetic-world.md)."""
 
-    train_conversations: int = 32
-    val_conversations: int = 4
-    seconds: float = 20.0
+    train_conversations: int = 64  # 128 identities: the auto-encoder must generalise to new faces
+    val_conversations: int = 8
+    seconds: float = 10.0
     autoencoder_steps: int = 4000
+    autoencoder_motion_weight: float = 4.0
+    autoencoder_pair_candidates: int = 4
     df_steps: int = 1200
     dpo_steps: int = 100
     batch_size: int = 16
@@ -59,7 +61,7 @@ class Recipe:
     @classmethod
     def quick(cls) -> Recipe:
         """About a minute: the same path at toy sizes (the tests' build; not a model that talks)."""
-        return cls(2, 2, 4.0, 20, 20, 6, 2, 5e-4, 2e-5, 5, min_frames=20)
+        return cls(2, 2, 4.0, 20, 4.0, 4, 20, 6, 2, 5e-4, 2e-5, 5, min_frames=20)
 
 
 def weights_dir() -> Path:
@@ -86,13 +88,13 @@ def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
         (
             "synth",
             ["--out", str(work / "synth-train"), "--conversations", str(r.train_conversations),
-             "--seconds", str(r.seconds), "--seed", "0", "--quiet"],
+             "--seconds", str(r.seconds), "--seed", "0", "--workers", "2", "--quiet"],
             work / "synth-train" / "manifest.jsonl",
         ),
         (
             "synth",
             ["--out", str(work / "synth-val"), "--conversations", str(r.val_conversations),
-             "--seconds", str(r.seconds), "--seed", str(VAL_SEED), "--quiet"],
+             "--seconds", str(r.seconds), "--seed", str(VAL_SEED), "--workers", "2", "--quiet"],
             work / "synth-val" / "manifest.jsonl",
         ),
         (
@@ -100,7 +102,8 @@ def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
             ["--manifest", str(work / "synth-train" / "manifest.jsonl"),
              "--val-manifest", str(work / "synth-val" / "manifest.jsonl"),
              "--random-init", "--config", "demo", "--out", str(work / "autoencoder"),
-             "--steps", str(r.autoencoder_steps), "--detect-every", str(r.detect_every), "--quiet"],
+             "--steps", str(r.autoencoder_steps), "--motion-weight", str(r.autoencoder_motion_weight),
+             "--pair-candidates", str(r.autoencoder_pair_candidates), "--detect-every", str(r.detect_every), "--quiet"],
             work / "autoencoder" / "model.safetensors",
         ),
         *[

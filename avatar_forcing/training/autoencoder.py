@@ -6,8 +6,11 @@ source's face with the driving crop's motion: `mae(source, driving) ≈ driving`
 it learns is the motion latent the flow transformer later predicts.
 
 Loss: L1 on the image plus L1 on its 2x and 4x average-pooled versions (coarse structure
-weighs more than pixel noise at 64²). LIA adds a VGG perceptual term and a GAN; neither has
-weights here, and on flat-shaded synthetic faces L1 alone converges to sharp crops.
+weighs more than pixel noise at 64²), each pixel weighted by how much the driving crop differs
+there from the source (`motion_weight`): what the motion latent must explain. Uniform L1 is
+dominated by the head's outline and the backdrop; a mouth that opens changes ~1 % of a 64²
+crop, too little of the loss for the motion coefficients to learn it. LIA adds a VGG
+perceptual term and a GAN; neither has weights here.
 
 Crops come from the videos of a `prepare` manifest, cut by the same `FaceCropper` (the model's
 image size, the smoothed face track) that `prepare` and the engine use, so the auto-encoder
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from avatar_forcing.engine.portrait import images_to_tensor
 from avatar_forcing.media.face_crop import FaceCropper
 from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
 
@@ -37,6 +41,8 @@ class AutoEncoderOptions:
     """steps, batch_size, lr, betas: Adam on every auto-encoder parameter. LIA uses lr 2e-3 and betas
     (0, 0.99), a GAN setting; without a GAN, momentum (0.9) reached a lower loss in the same steps.
     grad_clip: max gradient norm (0 = off). seed: pair draws and initial weights.
+    motion_weight: extra weight of pixels where driving and source differ (0 = uniform L1).
+    pair_candidates: drivings drawn per source, the most different kept (`PairSampler`).
     """
 
     steps: int = 3000
@@ -46,6 +52,8 @@ class AutoEncoderOptions:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 50
+    motion_weight: float = 0.0
+    pair_candidates: int = 1
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -54,6 +62,22 @@ class AutoEncoderOptions:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr!r}")
+        if not self.motion_weight >= 0:
+            raise ValueError(f"motion_weight: expected >= 0, got {self.motion_weight!r}")
+        if not isinstance(self.pair_candidates, int) or self.pair_candidates < 1:
+            raise ValueError(f"pair_candidates: expected an integer >= 1, got {self.pair_candidates!r}")
+
+
+@torch.no_grad()
+def start_with_identity_warp(mae: MotionAutoEncoder) -> MotionAutoEncoder:
+    """Zero every warp head's weights (their biases start at zero): each level's flow is then the
+    identity and its mask 1/2, so an untrained decoder already passes the portrait's features
+    through in place and training starts from the source crop, not from a random warp's
+    scramble. For training from random weights only: it erases a trained model's warps."""
+    for head in mae.dec.to_flows:
+        head.conv.weight.zero_()
+        head.bias.zero_()
+    return mae
 
 
 def load_face_crops(
@@ -71,27 +95,43 @@ def load_face_crops(
     return clips
 
 
-def to_images(crops: np.ndarray) -> Tensor:
-    """(n, S, S, 3) uint8 -> (n, 3, S, S) float in [-1, 1] (the engine's conversion)."""
-    return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def motion_weights(source: Tensor, driving: Tensor, strength: float) -> Tensor:
+    """(B, 1, S, S) per-pixel weights, mean 1 per image: 1 + strength x |driving - source|
+    (channel mean, widened by a 5x5 max so that a moved edge weighs on both of its sides)."""
+    change = (driving - source).abs().mean(1, keepdim=True)
+    change = F.max_pool2d(change, 5, stride=1, padding=2)
+    weights = 1.0 + strength * change / change.mean((2, 3), keepdim=True).clamp_min(1e-3)
+    return weights / weights.mean((2, 3), keepdim=True)
 
 
-def reconstruction_loss(output: Tensor, target: Tensor) -> Tensor:
-    """L1 at full, 1/2 and 1/4 resolution, summed."""
-    loss = (output - target).abs().mean()
-    for factor in (2, 4):
-        loss = loss + (F.avg_pool2d(output, factor) - F.avg_pool2d(target, factor)).abs().mean()
+def reconstruction_loss(output: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
+    """L1 at full, 1/2 and 1/4 resolution, summed; `weights` (B, 1, S, S) per pixel, or uniform."""
+    loss = output.new_zeros(())
+    for factor in (1, 2, 4):
+        scaled = [F.avg_pool2d(x, factor) if factor > 1 else x for x in (output, target)]
+        error = (scaled[0] - scaled[1]).abs()
+        if weights is not None:
+            error = error * (F.avg_pool2d(weights, factor) if factor > 1 else weights)
+        loss = loss + error.mean()
     return loss
 
 
 class PairSampler:
-    """Draws (source, driving) crop pairs of one clip each, from a seeded generator."""
+    """Draws (source, driving) crop pairs of one clip each, from a seeded generator.
 
-    def __init__(self, clips: Sequence[np.ndarray], seed: int) -> None:
+    candidates: drivings drawn per source, of which the one that differs most from it is kept
+    (1 = uniform pairs). In a conversation most pairs of frames differ by little more than the
+    idle drift; the pairs where the mouth or head moved are the ones that teach the motion code.
+    """
+
+    def __init__(self, clips: Sequence[np.ndarray], seed: int, candidates: int = 1) -> None:
         clips = [c for c in clips if len(c) >= 2]
         if not clips:
             raise ValueError("clips: expected at least one clip of >= 2 face crops")
+        if candidates < 1:
+            raise ValueError(f"candidates: expected >= 1, got {candidates!r}")
         self.clips = clips
+        self.candidates = candidates
         self.rng = np.random.default_rng(seed)
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +139,13 @@ class PairSampler:
         sources, drivings = [], []
         for k in picks:
             clip = self.clips[k]
-            i, j = self.rng.integers(0, len(clip), 2)
+            i = self.rng.integers(0, len(clip))
+            js = self.rng.integers(0, len(clip), self.candidates)
+            if self.candidates > 1:
+                change = np.abs(clip[js].astype(np.int16) - clip[i].astype(np.int16)).mean(axis=(1, 2, 3))
+                js = js[np.argmax(change) : np.argmax(change) + 1]
             sources.append(clip[i])
-            drivings.append(clip[j])
+            drivings.append(clip[js[0]])
         return np.stack(sources), np.stack(drivings)
 
 
@@ -119,7 +163,7 @@ def train_autoencoder(
     torch.manual_seed(options.seed)
     mae.train().requires_grad_(True)
     optimiser = torch.optim.Adam(mae.parameters(), lr=options.lr, betas=options.betas)
-    sampler = PairSampler(train_clips, options.seed)
+    sampler = PairSampler(train_clips, options.seed, options.pair_candidates)
     # a fixed validation set of pairs (held-out identities): the same pairs at every evaluation
     val_pairs = PairSampler(val_clips, options.seed + 1).sample(64) if val_clips else None
     start = time.perf_counter()
@@ -130,12 +174,13 @@ def train_autoencoder(
         writer = csv.DictWriter(handle, fieldnames=["step", "loss", "val_loss", "lr", "seconds"])
         writer.writeheader()
         for step in range(1, options.steps + 1):
-            source, driving = (to_images(x) for x in sampler.sample(options.batch_size))
+            source, driving = (images_to_tensor(mae, x, "face crops") for x in sampler.sample(options.batch_size))
             # cosine decay to 10 %: big steps while the warp is found, small ones to sharpen
             lr = options.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step - 1) / options.steps)))
             for group in optimiser.param_groups:
                 group["lr"] = lr
-            loss = reconstruction_loss(mae(source, driving), driving)
+            weights = motion_weights(source, driving, options.motion_weight) if options.motion_weight else None
+            loss = reconstruction_loss(mae(source, driving), driving, weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if options.grad_clip > 0:
@@ -172,7 +217,7 @@ def train_autoencoder(
 def validation_loss(mae: MotionAutoEncoder, pairs: tuple[np.ndarray, np.ndarray]) -> float:
     was_training = mae.training
     mae.eval()
-    source, driving = (to_images(x) for x in pairs)
+    source, driving = (images_to_tensor(mae, x, "validation crops") for x in pairs)
     loss = float(reconstruction_loss(mae(source, driving), driving))
     mae.train(was_training)
     return loss

@@ -16,7 +16,9 @@ from avatar_forcing.synthetic.world import generate_conversation
 from avatar_forcing.training.autoencoder import (
     AutoEncoderOptions,
     PairSampler,
+    motion_weights,
     reconstruction_loss,
+    start_with_identity_warp,
     train_autoencoder,
     validation_loss,
 )
@@ -50,6 +52,55 @@ def test_reconstruction_loss_is_zero_only_for_the_target():
     assert float(reconstruction_loss(target + 0.1, target)) == pytest.approx(0.3, abs=1e-5)  # 3 scales x 0.1
 
 
+def test_motion_weights_favour_what_changed_and_keep_the_loss_scale():
+    source = torch.zeros(2, 3, 32, 32)
+    driving = source.clone()
+    driving[0, :, 20:24, 12:20] = 1.0  # a "mouth" opens in image 0; image 1 does not move
+    weights = motion_weights(source, driving, strength=4.0)
+    assert weights.shape == (2, 1, 32, 32)
+    assert torch.allclose(weights.mean((2, 3)), torch.ones(2, 1))  # mean 1: the loss keeps its scale
+    assert torch.allclose(weights[1], torch.ones(1, 32, 32))  # nothing changed: uniform
+    changed, still = weights[0, 0, 20:24, 12:20].mean(), weights[0, 0, :8, :8].mean()
+    assert changed > 5 * still, (changed, still)
+    assert float(weights[0, 0, 18, 12]) > float(still)  # the 5x5 widening reaches 2 px beyond the change
+    # an error on the changed region costs more than the same error on the still backdrop
+    target = driving
+    on_mouth, on_backdrop = target.clone(), target.clone()
+    on_mouth[0, :, 20:24, 12:20] += 0.5
+    on_backdrop[0, :, 0:4, 0:8] += 0.5
+    assert reconstruction_loss(on_mouth, target, weights) > 5 * reconstruction_loss(on_backdrop, target, weights)
+    uniform = [float(reconstruction_loss(x, target)) for x in (on_mouth, on_backdrop)]
+    assert uniform[0] == pytest.approx(uniform[1])
+
+
+def test_identity_warp_start_samples_every_level_in_place():
+    torch.manual_seed(0)
+    mae = random_model(tiny()).motion_autoencoder
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    encoded = mae.encode(images)
+    S = mae.config.image_size
+    xs = torch.linspace(-1.0, 1.0, S)
+    identity = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), dim=-1)
+    _, grid = mae.decode(encoded.identity + encoded.reference_motion, encoded.feature_maps, return_flow=True)
+    assert (grid - identity).abs().max() > 0.05  # a random start warps
+    start_with_identity_warp(mae)
+    _, grid = mae.decode(encoded.identity + encoded.reference_motion, encoded.feature_maps, return_flow=True)
+    assert torch.equal(grid, identity.expand(2, -1, -1, -1))
+    assert all(head.conv.weight.requires_grad for head in mae.dec.to_flows)  # still trained
+
+
+def test_most_different_of_several_candidates_is_the_driving_crop():
+    clip = np.zeros((50, 4, 4, 3), np.uint8)
+    clip[7] = 200  # one frame far from every other
+    source, driving = PairSampler([clip], seed=0, candidates=50).sample(64)
+    # 50 draws miss frame 7 with probability (49/50)^50 ~ 0.36, so most pairs pick it (or have it as source)
+    picked = (driving[:, 0, 0, 0] == 200) | (source[:, 0, 0, 0] == 200)
+    assert picked.mean() > 0.5
+    assert (PairSampler([clip], seed=0).sample(64)[1][:, 0, 0, 0] == 200).mean() < 0.15  # uniform: ~1/50
+    with pytest.raises(ValueError, match="candidates: expected >= 1"):
+        PairSampler([clip], seed=0, candidates=0)
+
+
 def test_training_lowers_the_loss_on_held_out_pairs(clips, tmp_path):
     torch.manual_seed(0)
     mae = random_model(tiny()).motion_autoencoder
@@ -72,6 +123,8 @@ def test_options_are_checked():
         AutoEncoderOptions(steps=0)
     with pytest.raises(ValueError, match="lr: expected > 0"):
         AutoEncoderOptions(lr=0.0)
+    with pytest.raises(ValueError, match="motion_weight: expected >= 0"):
+        AutoEncoderOptions(motion_weight=-1.0)
 
 
 def test_cli_writes_a_weights_folder_prepare_can_use(tmp_path):
