@@ -12,10 +12,10 @@ import torch
 from avatar_forcing.config import tiny
 from avatar_forcing.engine.portrait import (
     _chunks,
-    _images_to_tensor,
     decode_frames,
     encode_portrait,
     encode_user_motion,
+    images_to_tensor,
 )
 from avatar_forcing.media.io import from_uint8
 from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
@@ -42,9 +42,9 @@ def test_chunks_are_the_fewest_and_even() -> None:
         assert all(a.stop == b.start for a, b in itertools.pairwise(chunks))
 
 
-def test_images_to_tensor_equals_from_uint8_per_image(mae: MotionAutoEncoder) -> None:
+def testimages_to_tensor_equals_from_uint8_per_image(mae: MotionAutoEncoder) -> None:
     images = crops(5)
-    batched = _images_to_tensor(mae, images, "crops")
+    batched = images_to_tensor(mae, images, "crops")
     assert torch.equal(batched, torch.stack([from_uint8(image) for image in images]))
     assert batched.is_contiguous()  # NCHW, the layout the numerics are pinned in
 
