@@ -61,7 +61,10 @@ class Recipe:
     @classmethod
     def quick(cls) -> Recipe:
         """About a minute: the same path at toy sizes (the tests' build; not a model that talks)."""
-        return cls(2, 2, 4.0, 20, 4.0, 4, 20, 6, 2, 5e-4, 2e-5, 5, min_frames=20)
+        return cls(
+            train_conversations=2, val_conversations=2, seconds=4.0, autoencoder_steps=20,
+            df_steps=20, dpo_steps=6, batch_size=2, min_frames=20,
+        )  # fmt: skip
 
 
 def weights_dir() -> Path:

@@ -106,12 +106,15 @@ def motion_weights(source: Tensor, driving: Tensor, strength: float) -> Tensor:
 
 def reconstruction_loss(output: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
     """L1 at full, 1/2 and 1/4 resolution, summed; `weights` (B, 1, S, S) per pixel, or uniform."""
+
+    def at(x: Tensor, factor: int) -> Tensor:
+        return F.avg_pool2d(x, factor) if factor > 1 else x
+
     loss = output.new_zeros(())
     for factor in (1, 2, 4):
-        scaled = [F.avg_pool2d(x, factor) if factor > 1 else x for x in (output, target)]
-        error = (scaled[0] - scaled[1]).abs()
+        error = (at(output, factor) - at(target, factor)).abs()
         if weights is not None:
-            error = error * (F.avg_pool2d(weights, factor) if factor > 1 else weights)
+            error = error * at(weights, factor)
         loss = loss + error.mean()
     return loss
 
@@ -141,11 +144,9 @@ class PairSampler:
             clip = self.clips[k]
             i = self.rng.integers(0, len(clip))
             js = self.rng.integers(0, len(clip), self.candidates)
-            if self.candidates > 1:
-                change = np.abs(clip[js].astype(np.int16) - clip[i].astype(np.int16)).mean(axis=(1, 2, 3))
-                js = js[np.argmax(change) : np.argmax(change) + 1]
+            change = np.abs(clip[js].astype(np.int16) - clip[i].astype(np.int16)).mean(axis=(1, 2, 3))
             sources.append(clip[i])
-            drivings.append(clip[js[0]])
+            drivings.append(clip[js[np.argmax(change)]])
         return np.stack(sources), np.stack(drivings)
 
 
