@@ -163,7 +163,7 @@ def fake_run(seconds: float) -> dict[str, Any]:
     return asyncio.run(measure(FakeBackend(block=5, latency_s=0.1), order, seconds))
 
 
-def stack_run(seconds: float) -> dict[str, Any]:
+def stack_run(seconds: float, prompt_after_interrupt: bool = True) -> dict[str, Any]:
     """The real stack (tiny, CPU): gateway -> tenant, key, avatar, session; the bridge streams it."""
     import httpx
 
@@ -181,7 +181,7 @@ def stack_run(seconds: float) -> dict[str, Any]:
         grpc_port=0,
         http_port=0,
         auth_secret=secrets.token_hex(32),
-        app_args={"redis_prefix": prefix, "degrade": True},
+        app_args={"redis_prefix": prefix, "degrade": True, "prompt_after_interrupt": prompt_after_interrupt},
         start_redis_if_down=True,
         warm=True,
         gateway_port=0,
@@ -222,9 +222,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bridge", description=__doc__.split("\n")[0])
     parser.add_argument("--stack", action="store_true", help="the real stack (tiny, CPU) instead of the fake session")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--wait-after-interrupt", action="store_true",
+        help="with --stack: the ingress waits for the media of the block after an Interrupt (the old schedule)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     started = time.monotonic()
-    figures = stack_run(args.seconds) if args.stack else fake_run(args.seconds)
+    if args.stack:
+        figures = stack_run(args.seconds, prompt_after_interrupt=not args.wait_after_interrupt)
+        figures["prompt_after_interrupt"] = not args.wait_after_interrupt
+    else:
+        figures = fake_run(args.seconds)
     figures.update(asyncio.run(audio_source_lag()))
     figures["backend"] = "stack (tiny, CPU)" if args.stack else "fake (block 5, 100 ms)"
     figures["wall_s"] = round(time.monotonic() - started, 1)

@@ -29,7 +29,7 @@ ARG_TO_SETTING = {
     "max_sessions_per_replica": "max_sessions_per_replica",
     "history_blocks": "history_blocks",
 }
-INGRESS_ARGS = {"degrade", "latency_budget_s", "face_detect_every", "video_grace_frames"}
+INGRESS_ARGS = {"degrade", "latency_budget_s", "face_detect_every", "video_grace_frames", "prompt_after_interrupt"}
 REPLICA_ARGS = {"generator_replicas"}
 
 

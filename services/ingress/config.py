@@ -34,6 +34,10 @@ class IngressSettings:
     lookahead_frames: int = DEFAULT_LOOKAHEAD_FRAMES
     latency_budget_s: float = 0.8  # a block later than this after its input counts as late
     degrade: bool = True  # the real-time policy; off: every block at full quality, however late
+    # After an Interrupt, schedule the block at the cursor at once from the media already arrived
+    # (the rest silence, the camera held) instead of waiting up to a block for its live media:
+    # the avatar is back to listening that much sooner (docs/bridge.md, "Interruption").
+    prompt_after_interrupt: bool = True
     face_detect_every: int = 5
     video_grace_frames: int = 5  # how far the camera may lag the microphone before its frames are held
     # Beyond this many complete blocks waiting, a block is held without computing its features

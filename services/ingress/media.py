@@ -38,6 +38,9 @@ class MediaState:
     ended: bool = False
     next_block_frame: int = 0  # first frame of the next block to prepare
     video_end: int = 0  # samples covered by camera frames received so far (kept after frames are used)
+    # The next block is scheduled at once, from the media that has arrived, instead of waiting for
+    # its last frame (set by an Interrupt that asks for it, cleared when that block is scheduled).
+    prompt: bool = False
 
     def on_audio(self, chunk: pb.AudioChunk) -> None:
         if chunk.sample_rate != Limit.SAMPLE_RATE:
@@ -74,10 +77,12 @@ class MediaState:
         self.video_end = max(self.video_end, (index + 1) * SAMPLES_PER_FRAME)
         self.user_media_seen = True
 
-    def on_interrupt(self) -> pb.Interrupted:
-        """The avatar stops speaking: its audio after the generation cursor is dropped."""
+    def on_interrupt(self, prompt: bool = False) -> pb.Interrupted:
+        """The avatar stops speaking: its audio after the generation cursor is dropped. With `prompt`,
+        the block at the cursor is scheduled at once (`schedule.next_block`)."""
         frame = self.next_block_frame
         self.avatar.truncate(frame * SAMPLES_PER_FRAME)
+        self.prompt = self.prompt or (prompt and not self.ended)
         return pb.Interrupted(frame_index=frame)
 
     def horizon(self) -> int:

@@ -203,9 +203,10 @@ class SessionPipeline:
         Those frames were computed from the dropped speech: sending them would keep the avatar
         talking for the depth of the pipeline (a block or more) after the interruption. The
         client's next frame is therefore `frame_index`, the first one generated without the speech
-        (`services.client.AvatarStream` expects that jump; frame indices never go back).
+        (`services.client.AvatarStream` expects that jump; frame indices never go back). With
+        `prompt_after_interrupt` its block is scheduled at once, not when its media is complete.
         """
-        interrupted = self.state.on_interrupt()
+        interrupted = self.state.on_interrupt(prompt=self.settings.prompt_after_interrupt)
         self.discard_before = max(self.discard_before, interrupted.frame_index)
         return interrupted
 
@@ -223,6 +224,7 @@ class SessionPipeline:
         # The windows are read now, before the cursor moves on and the timelines forget what
         # lies behind the next block's left context.
         horizon = s.horizon()
+        s.prompt = False
         extracts = tuple(
             extract_request(span, source, timeline, horizon, settings, ctx)
             for source, timeline in ((pb.AVATAR, s.avatar), (pb.USER, s.user))

@@ -1,7 +1,11 @@
 """Which block of a session is ready, and what its features are computed from.
 
 Block k is complete once the media horizon (`MediaState.horizon`) passes its last frame plus
-the audio encoder's look-ahead, or at EndOfInput (the last block may be short). Its audio
+the audio encoder's look-ahead, or at EndOfInput (the last block may be short). The one
+exception is the first block after an Interrupt (`MediaState.prompt`): it is scheduled at once,
+with the media not yet arrived read as silence and the last camera frame held, so that the
+avatar is back to listening one block's processing after the interruption rather than after
+waiting up to a block for the live media as well. Its audio
 features are computed from a bounded window of each timeline: `left_context_s` before the
 block, the block, and the look-ahead. Nothing older is ever read for features, which is what
 lets the timelines forget audio behind `features_from` (`AudioTimeline.release`).
@@ -43,6 +47,7 @@ class BlockSpan:
     frames: int
     last: bool  # the session's last block (input ended)
     total: int | None  # frames begun when the input ended (windows stop there); None while it goes on
+    padded: bool = False  # scheduled before its input was complete (after an Interrupt): the rest is silence
 
 
 @dataclass
@@ -66,6 +71,8 @@ def next_block(media: MediaState, block: int, lookahead_frames: int) -> BlockSpa
             return None
         frames = min(block, total - first)
         return BlockSpan(first, frames, first + frames >= total, total)
+    if media.prompt:
+        return BlockSpan(first, block, False, None, padded=True)
     if horizon < (first + block + lookahead_frames) * SAMPLES_PER_FRAME:
         return None
     return BlockSpan(first, block, False, None)
@@ -89,6 +96,8 @@ def read_window(
     start = max(0, span.first - left_frames(left_context_s))
     end = span.first + span.frames + lookahead_frames
     received = max(horizon, timeline.end)
+    if span.padded:  # the window is read before its audio arrived: what has not is silence
+        received = end * SAMPLES_PER_FRAME
     if span.total is not None:
         end = min(end, span.total)
     stop = min(end * SAMPLES_PER_FRAME, received)

@@ -374,3 +374,71 @@ def test_an_interrupt_drops_the_blocks_in_flight_and_resumes_at_its_frame(model,
     assert not any(np.any(np.frombuffer(f.audio_pcm_s16le, np.int16)) for f in after)
     assert any(hold for first, hold in calls if first < n)  # the stale blocks were held, not generated in full
     assert not set(decoded) & set(range(len(before), n))  # and never decoded
+
+
+def test_the_block_after_an_interrupt_goes_before_its_media_arrives(model, media, redis_url, prefix):
+    """With `prompt_after_interrupt` the block at Interrupted.frame_index is generated from the media
+    already there (the rest silence, the camera held), so the avatar is back to listening one
+    block's processing after the interrupt instead of also waiting up to a block for live media.
+    Here no listening media arrive until that block was generated: without the setting the session
+    would wait for them (the old behaviour, checked below), with it the block goes at once."""
+    portrait_png, speech, user, frames = media
+    speech, user, frames = speech[: 40 * 640], np.tile(user, 2), np.concatenate([frames] * 2)  # 80 frames
+
+    async def generated(prompt: bool) -> tuple[bool, list[int], int]:
+        store = SessionStore(redis_url, prefix=prefix)
+        stages = stages_for(model, store)
+        generate, firsts = stages.generate_block, []
+        reached = asyncio.Event()
+        cursor, went = {}, []
+
+        async def recorded(request):
+            firsts.append(request.first_frame)
+            response = await generate(request)
+            if "n" in cursor and request.first_frame >= cursor["n"] and not request.hold:
+                reached.set()
+            return response
+
+        async def messages():
+            talking = client_messages(portrait_png, speech, user[: 40 * 640], frames[:40], chunk=640)
+            for message in talking:
+                if message.WhichOneof("message") == "end_of_input":
+                    break
+                yield message
+                await asyncio.sleep(0)
+            # the last frames' media: arrived, but their block (frames 40..49) is not complete yet
+            for message in client_messages(portrait_png, speech[: 5 * 640], user[40 * 640 : 45 * 640], frames[40:45]):
+                kind = message.WhichOneof("message")
+                if kind == "audio" and message.audio.source == pb.USER:
+                    message.audio.timestamp_us += 40 * 40_000
+                    yield message
+                elif kind == "video":
+                    message.video.timestamp_us += 40 * 40_000
+                    yield message
+            while pipeline.state.next_block_frame < 40:  # every block of speech is scheduled
+                await asyncio.sleep(0.01)
+            yield pb.ClientMessage(interrupt=pb.Interrupt())
+            cursor["n"] = pipeline.state.next_block_frame
+            try:
+                await asyncio.wait_for(reached.wait(), 10)
+                went.append(True)
+            except TimeoutError:
+                went.append(False)
+            yield pb.ClientMessage(end_of_input=pb.EndOfInput())
+
+        pipeline = SessionPipeline(
+            stages, store, IngressSettings(image_size=64, degrade=False, prompt_after_interrupt=prompt), "acme"
+        )
+        stages.generate_block = recorded
+        out = [m async for m in pipeline.run(messages())]
+        await store.aclose()
+        sent = [m.frame.frame_index for m in out if m.WhichOneof("message") == "frame"]
+        return went[0], sent, cursor["n"]
+
+    went, sent, n = asyncio.run(generated(prompt=True))
+    assert n == 40
+    assert went  # generated while only 5 of its 10 frames of media had arrived
+    assert sent[-10:] == list(range(40, 50))  # and its frames were sent, in order after the jump
+    went, sent, n = asyncio.run(generated(prompt=False))
+    assert not went  # the old schedule: the block waited for media that never came
+    assert 40 in sent  # until EndOfInput made it the (short) last block
