@@ -63,6 +63,14 @@ class MotionAutoEncoderConfig:
     channel_multiplier: int = 1
     max_channels: int = 512  # cap on feature channels; the release uses 512
     blur_kernel: tuple[int, ...] = (1, 3, 3, 1)
+    # Face crop side / detected face side (`media.face_crop.FaceCropper.scale`): the framing the
+    # auto-encoder was trained on, so every crop of its inputs (portrait, user camera, training
+    # clips) must use it. 1.8 keeps hair and chin, as talking-head datasets crop.
+    crop_scale: float = 1.8
+
+    def __post_init__(self) -> None:
+        if not self.crop_scale > 0:
+            raise ValueError(f"crop_scale: expected > 0, got {self.crop_scale!r}")
 
 
 @dataclass(frozen=True)

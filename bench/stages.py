@@ -60,7 +60,8 @@ async def measure_stages(stack: BenchStack, media: Media, repeats: int = 30, war
     first = left_frames
     window = np.concatenate([media.avatar_chunk(i) for i in range(first + block)]).astype(np.float32) / 32768.0
     user_window = np.concatenate([media.user_chunk(i) for i in range(first + block)]).astype(np.float32) / 32768.0
-    crops = FaceTrack(FaceCropper(size)).crops(media.frames[first : first + block], "user camera")
+    track = FaceTrack(FaceCropper.for_model(model.motion_autoencoder))
+    crops = track.crops(media.frames[first : first + block], "user camera")
     figures: list[StageFigure] = []
 
     def extract(samples: np.ndarray, source: int) -> pb.ExtractFeaturesRequest:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from avatar_forcing.config import ModelConfig, preset
+from avatar_forcing.config import ModelConfig, MotionAutoEncoderConfig, preset
 from avatar_forcing.nn.checkpoints import CONFIG_FILE
 from services.audio_features.deployment import AudioFeatures
 from services.common.config import Settings
@@ -44,12 +44,13 @@ def settings_overrides(args: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-def image_size(settings: Settings) -> int:
+def autoencoder_config(settings: Settings) -> MotionAutoEncoderConfig:
+    """The served auto-encoder's config: the ingress crops the user's camera to its size and framing."""
     if settings.weights_dir is not None:
         from services.common.model_loader import resolve_weights
 
-        return ModelConfig.load(resolve_weights(settings.weights_dir) / CONFIG_FILE).motion_autoencoder.image_size
-    return preset(settings.model_preset).motion_autoencoder.image_size
+        return ModelConfig.load(resolve_weights(settings.weights_dir) / CONFIG_FILE).motion_autoencoder
+    return preset(settings.model_preset).motion_autoencoder
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -59,14 +60,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     generator = Generator
     if args.get("generator_replicas"):
         generator = Generator.options(num_replicas=int(args["generator_replicas"]))
-    ingress = {k: args[k] for k in INGRESS_ARGS if k in args}
+    mae = autoencoder_config(settings)
+    ingress = {k: args[k] for k in INGRESS_ARGS if k in args} | {"crop_scale": mae.crop_scale}
     return SessionIngress.bind(
         AudioFeatures.bind(overrides),
         MotionEncoder.bind(overrides),
         generator.bind(overrides),
         FrameDecoder.bind(overrides),
         overrides,
-        image_size(settings),
+        mae.image_size,
         ingress,
     )
 

@@ -95,8 +95,7 @@ def generate_blocks(
 @torch.no_grad()
 def generate_video(model: AvatarForcing, request: GenerationRequest) -> int:
     """Write the video; returns the number of frames written."""
-    size = model.config.motion_autoencoder.image_size
-    cropper = FaceCropper(size)
+    cropper = FaceCropper.for_model(model.config.motion_autoencoder)
     portrait = encode_portrait(
         model.motion_autoencoder, cropper.crop_portrait(load_image(request.portrait), str(request.portrait))
     )

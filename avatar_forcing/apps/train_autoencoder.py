@@ -85,11 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = random_model(preset(args.config), args.init_seed)
             start_with_identity_warp(model.motion_autoencoder)
-        size = model.config.motion_autoencoder.image_size
 
         def crops(manifest: Path) -> list:
             videos = [v for conv in read_manifest(manifest) for v in (conv.avatar_video, conv.user_video)]
-            return load_face_crops(videos, size, detect_every=args.detect_every)
+            return load_face_crops(videos, model.config.motion_autoencoder, detect_every=args.detect_every)
 
         train_clips = crops(args.manifest)
         val_clips = crops(args.val_manifest) if args.val_manifest else []

@@ -52,7 +52,7 @@ class LiveSession:
             )
             for name in ("avatar_audio", "user_audio")
         }
-        self.user_face = FaceTrack(FaceCropper(model.config.motion_autoencoder.image_size))
+        self.user_face = FaceTrack(FaceCropper.for_model(model.config.motion_autoencoder))
         self.motion = MotionStream(model.block_sampler(), self.portrait.reference_motion, options, seed)
 
     # -- input ---------------------------------------------------------------------------

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+
+from avatar_forcing.config import MotionAutoEncoderConfig
 
 CASCADE_PATH = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
 ROTATIONS = (15.0, -15.0, 30.0, -30.0)  # degrees tried, in order, when upright detection fails
@@ -130,6 +133,11 @@ class FaceCropper:
         self._cascade = cv2.CascadeClassifier(str(CASCADE_PATH))
         if self._cascade.empty():
             raise RuntimeError(f"{CASCADE_PATH}: OpenCV could not load the Haar cascade")
+
+    @classmethod
+    def for_model(cls, config: MotionAutoEncoderConfig, **options: Any) -> FaceCropper:
+        """The crops a motion auto-encoder takes: its image size and its framing (`crop_scale`)."""
+        return cls(config.image_size, scale=config.crop_scale, **options)
 
     # --- detection ------------------------------------------------------------------------------
 

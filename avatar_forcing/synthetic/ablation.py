@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avatar_forcing.config import MotionAutoEncoderConfig
 from avatar_forcing.synthetic.demo_model import HELD_OUT_SEED, Recipe, df_arguments, run_command
 
 VARIANTS = (
@@ -63,12 +64,12 @@ def train_no_user_motion(work: Path, recipe: Recipe) -> Path:
     return out
 
 
-def held_out_conversations(options: AblationOptions, size: int) -> list[dict]:
+def held_out_conversations(options: AblationOptions, mae: MotionAutoEncoderConfig) -> list[dict]:
     """Held-out conversations as the engine sees them: face crops, voices, and their seed."""
     from avatar_forcing.media.face_crop import FaceCropper
     from avatar_forcing.synthetic.world import generate_conversation
 
-    cropper = FaceCropper(size, detect_every=5)
+    cropper = FaceCropper.for_model(mae, detect_every=5)
     out = []
     for k in range(options.conversations):
         seed = HELD_OUT_SEED + k
@@ -160,9 +161,10 @@ def run(work: Path, options: AblationOptions, recipe: Recipe, log=print) -> dict
     start = time.perf_counter()
     train_no_user_motion(work, recipe)
     log(f"variant (a) trained ({time.perf_counter() - start:.0f} s)")
-    # crops at the size the variants' auto-encoder takes (they share it: one `prepare`)
-    image_size = ModelConfig.load(work / VARIANTS[0][2] / CONFIG_FILE).motion_autoencoder.image_size
-    convs = held_out_conversations(options, image_size)
+    # crops as the variants' auto-encoder takes them (they share it: one `prepare`)
+    mae = ModelConfig.load(work / VARIANTS[0][2] / CONFIG_FILE).motion_autoencoder
+    image_size = mae.image_size
+    convs = held_out_conversations(options, mae)
     gt = [families(c["avatar_crops"]) for c in convs]
     user = [families(c["user_crops"]) for c in convs]
     rows = {}

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from avatar_forcing.config import MotionAutoEncoderConfig
 from avatar_forcing.engine.portrait import images_to_tensor
 from avatar_forcing.media.face_crop import FaceCropper
 from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
@@ -81,12 +82,13 @@ def start_with_identity_warp(mae: MotionAutoEncoder) -> MotionAutoEncoder:
 
 
 def load_face_crops(
-    videos: Sequence[str | Path], size: int, detect_every: int = 1, progress: bool = False
+    videos: Sequence[str | Path], mae: MotionAutoEncoderConfig, detect_every: int = 1, progress: bool = False
 ) -> list[np.ndarray]:
-    """Each video -> its face crops (T, size, size, 3) uint8, cut as `prepare` cuts them."""
+    """Each video -> its face crops (T, S, S, 3) uint8 at the auto-encoder's size and framing, cut as
+    `prepare` cuts them."""
     from avatar_forcing.media.io import read_video
 
-    cropper = FaceCropper(size, detect_every=detect_every)
+    cropper = FaceCropper.for_model(mae, detect_every=detect_every)
     clips = []
     for path in videos:
         clips.append(cropper.crop_video(read_video(path).frames, str(path)))

@@ -138,7 +138,7 @@ class DecoderServicer:
         self.store = store
         self.settings = settings or Settings()
         self.cache = PortraitCache(cache_bytes if cache_bytes is not None else self.settings.cache_budget_bytes)
-        self.cropper = FaceCropper(self.image_size)
+        self.cropper = FaceCropper.for_model(self.mae.config)
         self._building: dict[tuple[str, str, str], asyncio.Future[PortraitEncoding]] = {}  # builds in flight
         self._watcher: asyncio.Task | None = None  # watch_invalidations, started by the first Decode
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="decoder")  # one model pass at a time

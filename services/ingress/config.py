@@ -30,6 +30,7 @@ class Stages:
 @dataclass(frozen=True)
 class IngressSettings:
     image_size: int
+    crop_scale: float = 1.8  # the served auto-encoder's framing of a face (MotionAutoEncoderConfig.crop_scale)
     left_context_s: float = DEFAULT_LEFT_CONTEXT_S
     lookahead_frames: int = DEFAULT_LOOKAHEAD_FRAMES
     latency_budget_s: float = 0.8  # a block later than this after its input counts as late

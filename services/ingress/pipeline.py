@@ -120,7 +120,7 @@ class SessionPipeline:
         # test can run a session on virtual time, whatever the speed of the machine.
         self.clock = clock
         self.state = MediaState(video_grace_frames=settings.video_grace_frames)
-        self.face = FaceTrack(FaceCropper(settings.image_size), settings.face_detect_every)
+        self.face = FaceTrack(FaceCropper(settings.image_size, scale=settings.crop_scale), settings.face_detect_every)
         self.out: asyncio.Queue[pb.ServerMessage | None] = asyncio.Queue()
         self.input_event = asyncio.Event()
         # Blocks whose input is complete, in order; None after the last. Filled as input arrives,

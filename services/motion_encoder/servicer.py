@@ -58,7 +58,7 @@ class MotionEncoderServicer:
         self.style_dim = self.mae.config.style_dim
         self.store = store
         self.settings = settings
-        self.cropper = FaceCropper(self.image_size)
+        self.cropper = FaceCropper.for_model(self.mae.config)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="motion-encoder")  # one model pass at a time
 
     async def _compute(self, fn: Any, *args: Any) -> Any:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from avatar_forcing.config import ModelConfig, tiny
 from avatar_forcing.media.face_crop import FaceBox, FaceCropper, NoFaceError
 from avatar_forcing.media.io import load_image, read_video
 
@@ -126,3 +128,23 @@ def test_the_synthetic_sample_portrait_and_user_video_have_findable_faces():
     assert crop.shape == (64, 64, 3)
     user = read_video(SAMPLES / "synthetic" / "user.mp4").frames
     assert cropper.crop_video(user, "synthetic user").shape == (len(user), 64, 64, 3)
+
+
+def test_a_models_crops_follow_its_framing(portrait: np.ndarray) -> None:
+    """`crop_scale` is part of the auto-encoder's config: the crops of its inputs use it, a tighter
+    framing shows the face larger, and configs written before it load with the old framing."""
+    tight = dataclasses.replace(tiny().motion_autoencoder, crop_scale=1.3)
+    cropper = FaceCropper.for_model(tight)
+    assert (cropper.size, cropper.scale) == (64, 1.3)
+    assert FaceCropper.for_model(tiny().motion_autoencoder).scale == 1.8
+    wide = FaceCropper(64).crop_portrait(portrait, "p")
+    close = cropper.crop_portrait(portrait, "p")
+    # the same face, 1.8 / 1.3 times larger: re-detected, its box is that much wider
+    ratio = FaceCropper(64, min_face=0.2).detect(close)[0].side / FaceCropper(64, min_face=0.2).detect(wide)[0].side
+    assert 1.2 < ratio < 1.6, ratio
+    data = ModelConfig(name="t", flow=tiny().flow, motion_autoencoder=tight, audio=tiny().audio).to_dict()
+    assert ModelConfig.from_dict(data).motion_autoencoder.crop_scale == 1.3
+    del data["motion_autoencoder"]["crop_scale"]  # a config.json from before the field
+    assert ModelConfig.from_dict(data).motion_autoencoder.crop_scale == 1.8
+    with pytest.raises(ValueError, match="crop_scale"):
+        dataclasses.replace(tight, crop_scale=0.0)

@@ -83,7 +83,7 @@ class Encoders:
         """From a loaded `AvatarForcing` (only its auto-encoder and audio encoder are used).
         `detect_every`: the crop track's detector runs on every k-th frame, interpolated between."""
         mae = model.motion_autoencoder.eval()
-        cropper = FaceCropper(mae.config.image_size, detect_every=detect_every)
+        cropper = FaceCropper.for_model(mae.config, detect_every=detect_every)
         return cls(mae, model.audio_encoder.eval(), cropper, weights)
 
     def settings(self, options: PrepareOptions) -> dict:
