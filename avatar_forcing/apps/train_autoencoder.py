@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--pair-candidates", type=int, default=1,
         help="drivings drawn per source crop, the most different one kept (1: uniform pairs; the demo uses 4)",
     )  # fmt: skip
+    p.add_argument(
+        "--mouth-weight", type=float, default=0.0,
+        help="extra loss weight of the crop's mouth region (0: none; the demo uses 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--pairs-by", default="frame", choices=("frame", "mouth"),
+        help="rank a source's candidate drivings by their change over the whole crop or the mouth region",
+    )  # fmt: skip
     p.add_argument("--detect-every", type=int, default=5, help="face detection on every k-th frame (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--quiet", action="store_true")
@@ -75,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             motion_weight=args.motion_weight,
             pair_candidates=args.pair_candidates,
+            mouth_weight=args.mouth_weight,
+            pairs_by=args.pairs_by,
         )
         if args.detect_every < 1:
             raise ValueError(f"--detect-every: expected >= 1, got {args.detect_every}")

@@ -27,6 +27,9 @@ from avatar_forcing.config import MotionAutoEncoderConfig
 
 CASCADE_PATH = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
 ROTATIONS = (15.0, -15.0, 30.0, -30.0)  # degrees tried, in order, when upright detection fails
+# The mouth relative to a Haar detection, in units of its side (FaceCropper.mouth_region).
+MOUTH_BELOW_DETECTION = 0.2
+MOUTH_HALF_SIZE = (0.18, 0.28)  # (half height, half width)
 
 
 class NoFaceError(ValueError):
@@ -138,6 +141,20 @@ class FaceCropper:
     def for_model(cls, config: MotionAutoEncoderConfig, **options: Any) -> FaceCropper:
         """The crops a motion auto-encoder takes: its image size and its framing (`crop_scale`)."""
         return cls(config.image_size, scale=config.crop_scale, **options)
+
+    def mouth_region(self) -> tuple[float, float, float, float]:
+        """Where a mouth lies in this cropper's crops: (top, bottom, left, right) as fractions of the
+        side. A Haar box is centred near the nose; the mouth sits about a fifth of its side below
+        that centre at any head pose the detector finds, so the region is a band 0.36 of the box
+        high and 0.56 wide around that point, placed by the framing (`scale`, `lift`)."""
+        centre = 0.5 + (MOUTH_BELOW_DETECTION + self.lift) / self.scale
+        half_height, half_width = MOUTH_HALF_SIZE[0] / self.scale, MOUTH_HALF_SIZE[1] / self.scale
+        return (
+            max(0.0, centre - half_height),
+            min(1.0, centre + half_height),
+            max(0.0, 0.5 - half_width),
+            min(1.0, 0.5 + half_width),
+        )
 
     # --- detection ------------------------------------------------------------------------------
 

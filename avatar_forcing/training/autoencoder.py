@@ -9,8 +9,11 @@ Loss: L1 on the image plus L1 on its 2x and 4x average-pooled versions (coarse s
 weighs more than pixel noise at 64²), each pixel weighted by how much the driving crop differs
 there from the source (`motion_weight`): what the motion latent must explain. Uniform L1 is
 dominated by the head's outline and the backdrop; a mouth that opens changes ~1 % of a 64²
-crop, too little of the loss for the motion coefficients to learn it. LIA adds a VGG
-perceptual term and a GAN; neither has weights here.
+crop, too little of the loss for the motion coefficients to learn it. Even motion-weighted,
+head motion moves far more pixels than the lips do, so the mouth region
+(`FaceCropper.mouth_region`) can weigh more again (`mouth_weight`), and pairs can be picked for
+how much their mouths differ (`pairs_by="mouth"`). LIA adds a VGG perceptual term and a GAN;
+neither has weights here.
 
 Crops come from the videos of a `prepare` manifest, cut by the same `FaceCropper` (the model's
 image size, the smoothed face track) that `prepare` and the engine use, so the auto-encoder
@@ -36,6 +39,9 @@ from avatar_forcing.engine.portrait import images_to_tensor
 from avatar_forcing.media.face_crop import FaceCropper
 from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
 
+PAIRS_BY = ("frame", "mouth")
+Region = tuple[float, float, float, float]  # (top, bottom, left, right) as fractions of the crop side
+
 
 @dataclass(frozen=True)
 class AutoEncoderOptions:
@@ -44,6 +50,8 @@ class AutoEncoderOptions:
     grad_clip: max gradient norm (0 = off). seed: pair draws and initial weights.
     motion_weight: extra weight of pixels where driving and source differ (0 = uniform L1).
     pair_candidates: drivings drawn per source, the most different kept (`PairSampler`).
+    mouth_weight: extra weight of the mouth region (`FaceCropper.mouth_region`) in the loss.
+    pairs_by: where a candidate's difference is measured: "frame" (the whole crop) or "mouth".
     """
 
     steps: int = 3000
@@ -55,6 +63,8 @@ class AutoEncoderOptions:
     log_every: int = 50
     motion_weight: float = 0.0
     pair_candidates: int = 1
+    mouth_weight: float = 0.0
+    pairs_by: str = "frame"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -67,6 +77,10 @@ class AutoEncoderOptions:
             raise ValueError(f"motion_weight: expected >= 0, got {self.motion_weight!r}")
         if not isinstance(self.pair_candidates, int) or self.pair_candidates < 1:
             raise ValueError(f"pair_candidates: expected an integer >= 1, got {self.pair_candidates!r}")
+        if not self.mouth_weight >= 0:
+            raise ValueError(f"mouth_weight: expected >= 0, got {self.mouth_weight!r}")
+        if self.pairs_by not in PAIRS_BY:
+            raise ValueError(f"pairs_by: expected one of {PAIRS_BY}, got {self.pairs_by!r}")
 
 
 @torch.no_grad()
@@ -106,6 +120,20 @@ def motion_weights(source: Tensor, driving: Tensor, strength: float) -> Tensor:
     return weights / weights.mean((2, 3), keepdim=True)
 
 
+def region_slices(region: Region, size: int) -> tuple[slice, slice]:
+    """(rows, columns) of a `size` x `size` crop that `region` covers (at least one pixel each)."""
+    top, bottom, left, right = (round(f * size) for f in region)
+    return slice(top, max(bottom, top + 1)), slice(left, max(right, left + 1))
+
+
+def region_weights(region: Region, size: int, strength: float) -> Tensor:
+    """(1, 1, S, S) weights, mean 1: 1 + strength inside `region`, 1 elsewhere."""
+    weights = torch.ones(1, 1, size, size)
+    rows, cols = region_slices(region, size)
+    weights[..., rows, cols] += strength
+    return weights / weights.mean()
+
+
 def reconstruction_loss(output: Tensor, target: Tensor, weights: Tensor | None = None) -> Tensor:
     """L1 at full, 1/2 and 1/4 resolution, summed; `weights` (B, 1, S, S) per pixel, or uniform."""
 
@@ -127,9 +155,13 @@ class PairSampler:
     candidates: drivings drawn per source, of which the one that differs most from it is kept
     (1 = uniform pairs). In a conversation most pairs of frames differ by little more than the
     idle drift; the pairs where the mouth or head moved are the ones that teach the motion code.
+    region: where the difference is measured (None: the whole crop). Over the whole crop the
+    head's motion outweighs the mouth's; over the mouth region an opening mouth counts.
     """
 
-    def __init__(self, clips: Sequence[np.ndarray], seed: int, candidates: int = 1) -> None:
+    def __init__(
+        self, clips: Sequence[np.ndarray], seed: int, candidates: int = 1, region: Region | None = None
+    ) -> None:
         clips = [c for c in clips if len(c) >= 2]
         if not clips:
             raise ValueError("clips: expected at least one clip of >= 2 face crops")
@@ -138,6 +170,8 @@ class PairSampler:
         self.clips = clips
         self.candidates = candidates
         self.rng = np.random.default_rng(seed)
+        size = clips[0].shape[1]
+        self.window = region_slices(region, size) if region is not None else (slice(None), slice(None))
 
     def sample(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         picks = self.rng.integers(0, len(self.clips), batch)
@@ -146,7 +180,9 @@ class PairSampler:
             clip = self.clips[k]
             i = self.rng.integers(0, len(clip))
             js = self.rng.integers(0, len(clip), self.candidates)
-            change = np.abs(clip[js].astype(np.int16) - clip[i].astype(np.int16)).mean(axis=(1, 2, 3))
+            rows, cols = self.window
+            drivings_there = clip[js][:, rows, cols].astype(np.int16)
+            change = np.abs(drivings_there - clip[i][rows, cols].astype(np.int16)).mean(axis=(1, 2, 3))
             sources.append(clip[i])
             drivings.append(clip[js[np.argmax(change)]])
         return np.stack(sources), np.stack(drivings)
@@ -166,7 +202,12 @@ def train_autoencoder(
     torch.manual_seed(options.seed)
     mae.train().requires_grad_(True)
     optimiser = torch.optim.Adam(mae.parameters(), lr=options.lr, betas=options.betas)
-    sampler = PairSampler(train_clips, options.seed, options.pair_candidates)
+    mouth = FaceCropper.for_model(mae.config).mouth_region()
+    sampler = PairSampler(
+        train_clips, options.seed, options.pair_candidates, mouth if options.pairs_by == "mouth" else None
+    )
+    size = mae.config.image_size
+    mouth_weights = region_weights(mouth, size, options.mouth_weight) if options.mouth_weight else None
     # a fixed validation set of pairs (held-out identities): the same pairs at every evaluation
     val_pairs = PairSampler(val_clips, options.seed + 1).sample(64) if val_clips else None
     start = time.perf_counter()
@@ -183,6 +224,9 @@ def train_autoencoder(
             for group in optimiser.param_groups:
                 group["lr"] = lr
             weights = motion_weights(source, driving, options.motion_weight) if options.motion_weight else None
+            if mouth_weights is not None:  # the mouth's pixels weigh more, whatever else moved
+                weights = mouth_weights if weights is None else weights * mouth_weights
+                weights = weights / weights.mean((2, 3), keepdim=True)
             loss = reconstruction_loss(mae(source, driving), driving, weights)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()

@@ -18,6 +18,7 @@ from avatar_forcing.training.autoencoder import (
     PairSampler,
     motion_weights,
     reconstruction_loss,
+    region_weights,
     start_with_identity_warp,
     train_autoencoder,
     validation_loss,
@@ -101,6 +102,44 @@ def test_most_different_of_several_candidates_is_the_driving_crop():
         PairSampler([clip], seed=0, candidates=0)
 
 
+def test_the_mouth_region_covers_the_mouth_of_a_synthetic_face_at_both_framings():
+    """Where the rendered mouth opens (the pixels that change between a shut and an open mouth on
+    a still head) lies inside `mouth_region`, for the release's framing and a tight one."""
+    from avatar_forcing.synthetic.identity import random_identity
+    from avatar_forcing.synthetic.params import INDEX
+    from avatar_forcing.synthetic.render import FaceRenderer
+
+    renderer = FaceRenderer(random_identity(np.random.default_rng(5)))
+    shut = np.zeros(8, np.float32)
+    opened = shut.copy()
+    opened[INDEX["mouth_open"]] = 1.0
+    frames = np.stack([renderer.frame(shut), renderer.frame(opened)])
+    for scale in (1.8, 1.3):
+        cropper = FaceCropper(64, scale=scale)
+        box = cropper.detect(frames[0])[0]
+        crops = np.stack([cropper.crop(f, box) for f in frames]).astype(np.int16)
+        change = np.abs(crops[1] - crops[0]).sum(-1)  # (64, 64)
+        top, bottom, left, right = (round(f * 64) for f in cropper.mouth_region())
+        inside = change[top:bottom, left:right].sum()
+        assert inside > 0.9 * change.sum(), (scale, inside / change.sum())
+        assert (bottom - top) * (right - left) < 0.25 * 64 * 64  # and it is not most of the crop
+
+
+def test_mouth_weights_and_mouth_pairs():
+    weights = region_weights((0.5, 0.75, 0.25, 0.75), 32, strength=8.0)
+    assert weights.shape == (1, 1, 32, 32) and float(weights.mean()) == pytest.approx(1.0)
+    assert float(weights[0, 0, 20, 16]) == pytest.approx(9 * float(weights[0, 0, 2, 2]))
+    # a clip where frame 3 moves everywhere but the mouth, frame 8 only the mouth
+    clip = np.zeros((10, 32, 32, 3), np.uint8)
+    clip[3, :16] = 255
+    clip[8, 16:24, 8:24] = 60
+    mouth = (0.5, 0.75, 0.25, 0.75)
+    by_frame = PairSampler([clip], seed=0, candidates=10).sample(200)
+    by_mouth = PairSampler([clip], seed=0, candidates=10, region=mouth).sample(200)
+    assert (by_frame[1][:, 0, 0, 0] == 255).mean() > 0.5  # the whole frame: the big change wins
+    assert (by_mouth[1][:, 20, 16, 0] == 60).mean() > 0.5  # the mouth: the mouth's change wins
+
+
 def test_training_lowers_the_loss_on_held_out_pairs(clips, tmp_path):
     torch.manual_seed(0)
     mae = random_model(tiny()).motion_autoencoder
@@ -125,6 +164,10 @@ def test_options_are_checked():
         AutoEncoderOptions(lr=0.0)
     with pytest.raises(ValueError, match="motion_weight: expected >= 0"):
         AutoEncoderOptions(motion_weight=-1.0)
+    with pytest.raises(ValueError, match="mouth_weight: expected >= 0"):
+        AutoEncoderOptions(mouth_weight=-1.0)
+    with pytest.raises(ValueError, match="pairs_by: expected one of"):
+        AutoEncoderOptions(pairs_by="lips")
 
 
 def test_cli_writes_a_weights_folder_prepare_can_use(tmp_path):
@@ -134,7 +177,8 @@ def test_cli_writes_a_weights_folder_prepare_can_use(tmp_path):
     manifest = tmp_path / "synth" / "manifest.jsonl"
     out = tmp_path / "mae"
     argv = ["train-autoencoder", "--manifest", str(manifest), "--random-init", "--out", str(out), "--steps", "3",
-            "--batch-size", "2", "--quiet"]  # fmt: skip
+            "--batch-size", "2", "--mouth-weight", "8", "--pairs-by", "mouth", "--pair-candidates", "2",
+            "--quiet"]  # fmt: skip
     assert main(argv) == 0
     start = random_model(tiny())
     trained = load_pretrained(out)
@@ -142,7 +186,8 @@ def test_cli_writes_a_weights_folder_prepare_can_use(tmp_path):
         not torch.equal(v, trained.state_dict()[k]) for k, v in start.state_dict().items() if k.startswith(prefix)
     )
     assert changed("motion_autoencoder.") and not changed("flow_transformer.") and not changed("audio_encoder.")
-    assert json.loads((out / "autoencoder_record.json").read_text())["options"]["steps"] == 3
+    options = json.loads((out / "autoencoder_record.json").read_text())["options"]
+    assert (options["steps"], options["mouth_weight"], options["pairs_by"]) == (3, 8.0, "mouth")
     assert main(["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "prep"), "--weights", str(out),
                  "--detect-every", "5", "--quiet"]) == 0  # fmt: skip
     assert main(["train-autoencoder", "--manifest", str(manifest), "--out", str(out)]) == 2  # no start weights
