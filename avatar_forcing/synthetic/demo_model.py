@@ -50,6 +50,8 @@ class Recipe:
     autoencoder_steps: int = 4000
     autoencoder_motion_weight: float = 4.0
     autoencoder_pair_candidates: int = 4
+    autoencoder_mouth_weight: float = 8.0
+    autoencoder_pairs_by: str = "mouth"
     df_steps: int = 1200
     dpo_steps: int = 100
     batch_size: int = 16
@@ -106,7 +108,8 @@ def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
              "--val-manifest", str(work / "synth-val" / "manifest.jsonl"),
              "--random-init", "--config", "demo", "--out", str(work / "autoencoder"),
              "--steps", str(r.autoencoder_steps), "--motion-weight", str(r.autoencoder_motion_weight),
-             "--pair-candidates", str(r.autoencoder_pair_candidates), "--detect-every", str(r.detect_every), "--quiet"],
+             "--pair-candidates", str(r.autoencoder_pair_candidates), "--mouth-weight", str(r.autoencoder_mouth_weight),
+             "--pairs-by", r.autoencoder_pairs_by, "--detect-every", str(r.detect_every), "--quiet"],
             work / "autoencoder" / "model.safetensors",
         ),
         *[
