@@ -49,11 +49,14 @@ WEIGHTS = ASSETS / "extractor.safetensors"
 RECORD = ASSETS / "extractor.json"
 INPUT = 64
 CROP = (0.12, 0.88, 0.12, 0.88)  # top, bottom, left, right as fractions of the frame side
-# Training framings: the CROP box scaled by a zoom drawn from this range around its centre, so
-# that the network reads a face however tightly it is framed. A model's face crop of
-# `crop_scale` s looks like zoom s / 1.8 of a whole frame (0.72 for the demo model's 1.3).
-TRAIN_ZOOM = (0.65, 1.05)
-TIGHT_ZOOM = 1.3 / 1.8  # the demo model's framing, also reported in the record
+# Training inputs: this share are face crops, cut around the face the way `FaceCropper` cuts a
+# model's inputs, at a framing (crop side / detected face side) drawn from CROP_SCALES; the rest
+# are whole frames. The metrics read a model's generated face crops, whose framing is the
+# model's (`crop_scale`: 1.8 for the release's, 1.3 for the demo model's), and a face-tracked
+# crop keeps the face centred whatever its pose, so the network must read pose from the face.
+FACE_CROP_SHARE = 2 / 3
+CROP_SCALES = (1.2, 1.9)
+REPORTED_CROP_SCALES = (1.8, 1.3)  # held-out error reported for face crops at these framings
 POSE = ("yaw", "pitch", "roll")
 EXPRESSION = ("mouth_open", "smile", "blink")
 UNRECOVERED = ("gaze_x", "gaze_y")  # returned by `extract`, not usable: no better than the mean
@@ -71,21 +74,35 @@ def denormalise(values: np.ndarray) -> np.ndarray:
     return np.clip(_LOW + (np.asarray(values, np.float32) + 1.0) * 0.5 * (_HIGH - _LOW), _LOW, _HIGH)
 
 
-def preprocess(frames: np.ndarray, zoom: float | np.ndarray = 1.0) -> torch.Tensor:
-    """uint8 (T, H, W, 3) RGB -> float (T, 3, INPUT, INPUT) in [0, 1]: the CROP box, scaled by
-    `zoom` (one value, or one per frame) around its centre."""
+def preprocess(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) RGB -> float (T, 3, INPUT, INPUT) in [0, 1]."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames: expected uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
     _, h, w, _ = frames.shape
-    zooms = np.broadcast_to(np.asarray(zoom, np.float64), (len(frames),))
+    top, bottom, left, right = (round(f * s) for f, s in zip(CROP, (h, h, w, w), strict=True))
     out = np.empty((len(frames), INPUT, INPUT, 3), np.uint8)
     for i, frame in enumerate(frames):
-        top, bottom, left, right = (
-            round(s * (0.5 + (f - 0.5) * zooms[i])) for f, s in zip(CROP, (h, h, w, w), strict=True)
-        )
         out[i] = cv2.resize(frame[top:bottom, left:right], (INPUT, INPUT), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def face_crops(frames: np.ndarray, scales: np.ndarray, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's face cut as `FaceCropper(size, scale)` cuts it, at that frame's scale: (T, size,
+    size, 3), and whether a face was found (where not, the whole frame, resized, stands in)."""
+    from avatar_forcing.media.face_crop import FaceBox, FaceCropper
+
+    cropper = FaceCropper(size, scale=1.0)  # boxes of the detected face's side, widened per frame below
+    out = np.empty((len(frames), size, size, 3), np.uint8)
+    found = np.zeros(len(frames), bool)
+    for i, (frame, scale) in enumerate(zip(frames, scales, strict=True)):
+        boxes = cropper.detect(frame)
+        found[i] = bool(boxes)
+        if boxes:
+            out[i] = cropper.crop(frame, FaceBox(boxes[0].cx, boxes[0].cy, boxes[0].side * float(scale)))
+        else:
+            out[i] = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+    return out, found
 
 
 class ExtractorNet(nn.Module):
@@ -203,7 +220,10 @@ def train(out: Path, steps: int, seed: int, frames: int, batch: int, eval_frames
     parts, rows = [], []
     for s in range(0, frames, 500):  # render in chunks: 256^2 frames are kept only as inputs
         images, values = sample_frames(rng, min(500, frames - s))
-        parts.append(preprocess(images, zoom=rng.uniform(*TRAIN_ZOOM, len(images))))
+        cropped = rng.random(len(images)) < FACE_CROP_SHARE
+        crops, _ = face_crops(images[cropped], rng.uniform(*CROP_SCALES, int(cropped.sum())))
+        parts += [preprocess(images[~cropped]), preprocess(crops)]
+        values = np.concatenate([values[~cropped], values[cropped]])
         rows.append(values)
     inputs, targets = torch.cat(parts), torch.from_numpy(normalise(np.concatenate(rows)))
     render_s = time.time() - start
@@ -233,7 +253,7 @@ def train(out: Path, steps: int, seed: int, frames: int, batch: int, eval_frames
     save_safetensors(net.state_dict(), out, {"format": "pt", "steps": str(steps), "seed": str(seed)})
     _CACHE.pop(str(Path(out).resolve()), None)
     mae = evaluate(out, eval_frames)
-    tight = evaluate(out, eval_frames, zoom=TIGHT_ZOOM)
+    on_crops = {str(scale): evaluate(out, eval_frames, crop_scale=scale) for scale in REPORTED_CROP_SCALES}
     record = {
         "steps": steps,
         "seed": seed,
@@ -244,10 +264,10 @@ def train(out: Path, steps: int, seed: int, frames: int, batch: int, eval_frames
         "input": INPUT,
         "eval_seed": EVAL_SEED,
         "eval_frames": eval_frames,
-        "train_zoom": list(TRAIN_ZOOM),
+        "face_crop_share": round(FACE_CROP_SHARE, 4),
+        "crop_scales": list(CROP_SCALES),
         "mae": {c: round(v, 4) for c, v in mae.items()},
-        "tight_zoom": round(TIGHT_ZOOM, 4),
-        "mae_tight": {c: round(v, 4) for c, v in tight.items()},
+        "mae_face_crops": {scale: {c: round(v, 4) for c, v in m.items()} for scale, m in on_crops.items()},
         "mean_predictor_mae": {c: round(v, 4) for c, v in mean_baseline(eval_frames).items()},
     }
     Path(out).with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
@@ -260,24 +280,18 @@ def mean_baseline(count: int) -> dict[str, float]:
     return per_channel_mae(np.broadcast_to(values.mean(0), values.shape), values)
 
 
-def evaluate(weights: str | Path, count: int, zoom: float = 1.0) -> dict[str, float]:
-    """Per-channel MAE on held-out frames, framed at `zoom` (1: whole frames; TIGHT_ZOOM: as the demo
-    model's face crops frame a face)."""
+def evaluate(weights: str | Path, count: int, crop_scale: float | None = None) -> dict[str, float]:
+    """Per-channel MAE on held-out frames: whole frames, or with `crop_scale` their face crops at
+    that framing (frames without a detected face are left out, as a model gets no crop of them)."""
     images, values = held_out(count)
-    if zoom != 1.0:
-        images = np.stack([_reframe(image, zoom) for image in images])
+    if crop_scale is not None:
+        images, found = face_crops(images, np.full(len(images), crop_scale))
+        images, values = images[found], values[found]
     mae = per_channel_mae(extract(images, weights).values, values)
+    framing = "whole frames" if crop_scale is None else f"face crops at {crop_scale:g}, {len(values)} found"
     for c, v in mae.items():
-        print(f"{c:>10}: MAE {v:.4f} (range {RANGES[c][0]:g}..{RANGES[c][1]:g}, zoom {zoom:.2f})")
+        print(f"{c:>10}: MAE {v:.4f} (range {RANGES[c][0]:g}..{RANGES[c][1]:g}; {framing})")
     return mae
-
-
-def _reframe(image: np.ndarray, zoom: float) -> np.ndarray:
-    """The central `zoom` of an image, resized back to its size (a tighter framing of the same face)."""
-    side = image.shape[0]
-    keep = round(side * zoom)
-    lo = (side - keep) // 2
-    return cv2.resize(image[lo : lo + keep, lo : lo + keep], (side, side), interpolation=cv2.INTER_AREA)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,13 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("evaluate", help="per-channel MAE on held-out frames")
     e.add_argument("--weights", type=Path, default=WEIGHTS)
     e.add_argument("--frames", type=int, default=400)
-    e.add_argument("--zoom", type=float, default=1.0, help=f"framing (1: whole frames; {TIGHT_ZOOM:.2f}: the demo's)")
+    e.add_argument("--crop-scale", type=float, help="read face crops at this framing (default: whole frames)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     if args.command == "train":
         print(json.dumps(train(args.out, args.steps, args.seed, args.frames, args.batch, args.eval_frames), indent=2))
     else:
-        evaluate(args.weights, args.frames, args.zoom)
+        evaluate(args.weights, args.frames, args.crop_scale)
 
 
 if __name__ == "__main__":
