@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pairs-by", default="frame", choices=("frame", "mouth"),
         help="rank a source's candidate drivings by their change over the whole crop or the mouth region",
     )  # fmt: skip
+    p.add_argument(
+        "--latent-std", type=float, default=0.0,
+        help="rescale the trained latents so the motion coefficients spread by this much (0: as trained; demo: 1)",
+    )  # fmt: skip
     p.add_argument("--detect-every", type=int, default=5, help="face detection on every k-th frame (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--quiet", action="store_true")
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             pair_candidates=args.pair_candidates,
             mouth_weight=args.mouth_weight,
             pairs_by=args.pairs_by,
+            latent_std=args.latent_std,
         )
         if args.detect_every < 1:
             raise ValueError(f"--detect-every: expected >= 1, got {args.detect_every}")

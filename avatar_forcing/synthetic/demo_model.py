@@ -52,6 +52,8 @@ class Recipe:
     autoencoder_pair_candidates: int = 4
     autoencoder_mouth_weight: float = 8.0
     autoencoder_pairs_by: str = "mouth"
+    # motion coefficients rescaled to spread 1 after training, like the noise (training/latent_scale.py)
+    autoencoder_latent_std: float = 1.0
     df_steps: int = 1200
     dpo_steps: int = 100
     batch_size: int = 16
@@ -109,7 +111,8 @@ def steps(work: Path, recipe: Recipe) -> list[tuple[str, list[str], Path]]:
              "--random-init", "--config", "demo", "--out", str(work / "autoencoder"),
              "--steps", str(r.autoencoder_steps), "--motion-weight", str(r.autoencoder_motion_weight),
              "--pair-candidates", str(r.autoencoder_pair_candidates), "--mouth-weight", str(r.autoencoder_mouth_weight),
-             "--pairs-by", r.autoencoder_pairs_by, "--detect-every", str(r.detect_every), "--quiet"],
+             "--pairs-by", r.autoencoder_pairs_by, "--latent-std", str(r.autoencoder_latent_std),
+             "--detect-every", str(r.detect_every), "--quiet"],
             work / "autoencoder" / "model.safetensors",
         ),
         *[

@@ -38,6 +38,7 @@ from avatar_forcing.config import MotionAutoEncoderConfig
 from avatar_forcing.engine.portrait import images_to_tensor
 from avatar_forcing.media.face_crop import FaceCropper
 from avatar_forcing.nn.motion_autoencoder import MotionAutoEncoder
+from avatar_forcing.training.latent_scale import standardise_latents
 
 PAIRS_BY = ("frame", "mouth")
 Region = tuple[float, float, float, float]  # (top, bottom, left, right) as fractions of the crop side
@@ -52,6 +53,8 @@ class AutoEncoderOptions:
     pair_candidates: drivings drawn per source, the most different kept (`PairSampler`).
     mouth_weight: extra weight of the mouth region (`FaceCropper.mouth_region`) in the loss.
     pairs_by: where a candidate's difference is measured: "frame" (the whole crop) or "mouth".
+    latent_std: after training, rescale the latents so the training crops' motion coefficients
+    spread by this much (`training/latent_scale.py`; 0 = keep the scale training left).
     """
 
     steps: int = 3000
@@ -65,6 +68,7 @@ class AutoEncoderOptions:
     pair_candidates: int = 1
     mouth_weight: float = 0.0
     pairs_by: str = "frame"
+    latent_std: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -81,6 +85,8 @@ class AutoEncoderOptions:
             raise ValueError(f"mouth_weight: expected >= 0, got {self.mouth_weight!r}")
         if self.pairs_by not in PAIRS_BY:
             raise ValueError(f"pairs_by: expected one of {PAIRS_BY}, got {self.pairs_by!r}")
+        if not (self.latent_std >= 0 and np.isfinite(self.latent_std)):
+            raise ValueError(f"latent_std: expected a finite number >= 0, got {self.latent_std!r}")
 
 
 @torch.no_grad()
@@ -256,6 +262,8 @@ def train_autoencoder(
         "train_seconds": round(time.perf_counter() - start, 1),
         "parameters": sum(p.numel() for p in mae.parameters()),
     }
+    if options.latent_std > 0:
+        record["latent_scale"] = standardise_latents(mae, train_clips, options.latent_std, seed=options.seed)
     (out / "autoencoder_record.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -1,0 +1,80 @@
+"""Standardise the scale of a trained auto-encoder's latents, without changing what it computes.
+
+The flow transformer denoises motion latents against unit-variance noise (`x_t = (1 - σ)·x0 + σ·ε`).
+An auto-encoder trained on reconstruction alone fixes no scale for its latents, and ours land
+small: in the synthetic world the motion latents of a clip spread over time by ~0.01 per
+coordinate. The motion that matters (a mouth opening) is then buried in the noise at every σ but
+the last few, and it is worth almost nothing in the velocity loss, so the flow transformer learns
+the mean face and little else. Latent diffusion models rescale their latents to unit variance
+with a constant factor for the same reason; here the factor is folded into the weights instead,
+so the network is still the one `docs/model-spec.md` describes and nothing downstream changes:
+
+    h     = net_app(image)            the last conv (bias-less)         weight × c  ->  c·h
+    alpha = fc(h)                     4 linear layers + 512 -> 20, no activations:
+                                      first layer's weight ÷ c, last layer's weight and bias × c
+                                                                        ->  c·alpha, so r = c·r
+    style = modulation(s_r + r_d)     every modulated conv of the decoder: weight ÷ c
+                                                                        ->  the same style
+
+Identity and motion latents both scale by c, every decoded pixel stays the same (up to float
+rounding). `standardise_latents` picks c so that the motion coefficients of the given crops have
+the target standard deviation (root mean square over the 20 coefficients).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from avatar_forcing.engine.portrait import images_to_tensor
+from avatar_forcing.nn.motion_autoencoder import ModulatedConv2d, MotionAutoEncoder
+
+
+@torch.no_grad()
+def scale_latents(mae: MotionAutoEncoder, factor: float) -> MotionAutoEncoder:
+    """Multiply the identity and motion latents by `factor` in place; the decoded images stay the same."""
+    if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor: got {factor!r}; expected a finite number > 0")
+    mae.enc.net_app.convs[-1].weight.mul_(factor)
+    fc = mae.enc.fc
+    fc[0].weight.div_(factor)  # fc is linear throughout: only its input and output scales move
+    fc[-1].weight.mul_(factor)
+    fc[-1].bias.mul_(factor)
+    for module in mae.dec.modules():
+        if isinstance(module, ModulatedConv2d):
+            module.modulation.weight.div_(factor)
+    return mae
+
+
+@torch.no_grad()
+def motion_spread(mae: MotionAutoEncoder, clips: Sequence[np.ndarray], frames: int = 2048, seed: int = 0) -> float:
+    """Standard deviation of the motion coefficients over up to `frames` crops drawn from `clips`
+    (per coefficient over the crops, then the root mean square over the coefficients)."""
+    crops = np.concatenate([c for c in clips if len(c)]) if clips else np.zeros((0,))
+    if len(crops) < 2:
+        raise ValueError(f"clips: {len(crops)} face crops; expected at least 2 to measure a spread")
+    pick = np.random.default_rng(seed).choice(len(crops), size=min(frames, len(crops)), replace=False)
+    was_training = mae.training
+    mae.eval()
+    chunks = [np.sort(pick[i : i + 256]) for i in range(0, len(pick), 256)]
+    alpha = torch.cat([mae.motion_coefficients(images_to_tensor(mae, crops[c], "face crops")) for c in chunks])
+    mae.train(was_training)
+    return float(alpha.double().var(dim=0).mean().sqrt())
+
+
+def standardise_latents(
+    mae: MotionAutoEncoder, clips: Sequence[np.ndarray], target: float = 1.0, frames: int = 2048, seed: int = 0
+) -> dict[str, float]:
+    """Rescale `mae`'s latents in place so the crops' motion coefficients spread by `target`;
+    returns {"factor", "spread_before", "spread_after"}."""
+    if not (math.isfinite(target) and target > 0):
+        raise ValueError(f"target: got {target!r}; expected a finite number > 0")
+    before = motion_spread(mae, clips, frames, seed)
+    if before <= 0:
+        raise ValueError("clips: the motion coefficients do not vary over these crops; expected a trained auto-encoder")
+    factor = target / before
+    scale_latents(mae, factor)
+    return {"factor": factor, "spread_before": before, "spread_after": motion_spread(mae, clips, frames, seed)}
