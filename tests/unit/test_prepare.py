@@ -255,6 +255,20 @@ def test_rerun_resumes_skips_finished_retries_failed_and_refuses_other_settings(
         prepare(media / "manifest.jsonl", out, encoders, PrepareOptions(min_frames=10, max_gap=3, max_frames=0))
 
 
+def test_resume_refuses_weights_changed_in_the_same_folder(prepared, media: Path, tmp_path: Path) -> None:
+    from avatar_forcing.config import tiny
+    from avatar_forcing.nn.model import random_model
+    from avatar_forcing.training.latent_scale import scale_latents
+
+    out = tmp_path / "prepared"
+    shutil.copytree(prepared[0], out)
+    model = random_model(tiny())  # the weights the first run used, under the same name
+    scale_latents(model.motion_autoencoder, 2.0)  # ... then changed in place: other latents
+    changed = Encoders.from_model(model, "random-init:tiny")
+    with pytest.raises(ValueError, match=r"other settings \(encoders_sha256: "):
+        prepare(media / "manifest.jsonl", out, changed, OPTIONS)
+
+
 def test_cli_prepare_exits_1_when_some_conversations_failed(media: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli"
     argv = ["prepare", "--manifest", str(media / "manifest.jsonl"), "--out", str(out)]

@@ -21,6 +21,7 @@ run, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,6 +93,9 @@ class Encoders:
             "format": shards.FORMAT,
             "version": shards.VERSION,
             "weights": self.weights,
+            # the weights' content, not just their folder: a resume after the auto-encoder was
+            # retrained or rescaled in place would otherwise mix latents of two encoders
+            "encoders_sha256": encoders_digest(self.motion_autoencoder, self.audio_encoder),
             "image_size": mae.image_size,
             "motion_dim": mae.style_dim,
             "audio_dim": self.audio_encoder.audio_projection[0].out_features,
@@ -104,6 +108,16 @@ class Encoders:
             "max_frames": options.max_frames,
             "detect_every": options.detect_every,
         }
+
+
+def encoders_digest(*modules: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) of the modules' parameters and buffers, names included."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class MediaError(ValueError):
