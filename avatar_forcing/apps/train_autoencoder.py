@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank a source's candidate drivings by their change over the whole crop or the mouth region",
     )  # fmt: skip
     p.add_argument(
+        "--colour-jitter", type=float, default=0.0,
+        help="the same random colour change of each pair's two crops, per-channel gain 1 ± J (0: none)",
+    )  # fmt: skip
+    p.add_argument(
         "--latent-std", type=float, default=0.0,
         help="rescale the trained latents so the motion coefficients spread by this much (0: as trained; demo: 1)",
     )  # fmt: skip
@@ -89,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             pair_candidates=args.pair_candidates,
             mouth_weight=args.mouth_weight,
             pairs_by=args.pairs_by,
+            colour_jitter=args.colour_jitter,
             latent_std=args.latent_std,
         )
         if args.detect_every < 1:

@@ -53,6 +53,9 @@ class AutoEncoderOptions:
     pair_candidates: drivings drawn per source, the most different kept (`PairSampler`).
     mouth_weight: extra weight of the mouth region (`FaceCropper.mouth_region`) in the loss.
     pairs_by: where a candidate's difference is measured: "frame" (the whole crop) or "mouth".
+    colour_jitter: per pair, the same random colour change of source and driving: per-channel gain
+    1 ± j and offset ± j/2 (0 = none). More skin, lip and hair colours than the world's identities
+    hold, so the motion code is learnt from shapes rather than one palette.
     latent_std: after training, rescale the latents so the training crops' motion coefficients
     spread by this much (`training/latent_scale.py`; 0 = keep the scale training left).
     """
@@ -68,6 +71,7 @@ class AutoEncoderOptions:
     pair_candidates: int = 1
     mouth_weight: float = 0.0
     pairs_by: str = "frame"
+    colour_jitter: float = 0.0
     latent_std: float = 0.0
 
     def __post_init__(self) -> None:
@@ -85,6 +89,8 @@ class AutoEncoderOptions:
             raise ValueError(f"mouth_weight: expected >= 0, got {self.mouth_weight!r}")
         if self.pairs_by not in PAIRS_BY:
             raise ValueError(f"pairs_by: expected one of {PAIRS_BY}, got {self.pairs_by!r}")
+        if not 0 <= self.colour_jitter < 1:
+            raise ValueError(f"colour_jitter: expected a number in [0, 1), got {self.colour_jitter!r}")
         if not (self.latent_std >= 0 and np.isfinite(self.latent_std)):
             raise ValueError(f"latent_std: expected a finite number >= 0, got {self.latent_std!r}")
 
@@ -155,6 +161,17 @@ def reconstruction_loss(output: Tensor, target: Tensor, weights: Tensor | None =
     return loss
 
 
+def jitter_colours(
+    source: Tensor, driving: Tensor, strength: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """(B, 3, S, S) pairs in [-1, 1] -> the same per-pair colour change applied to both: per
+    channel x * (1 ± strength) ± strength / 2, clamped to [-1, 1]."""
+    shape = (source.shape[0], source.shape[1], 1, 1)
+    draw = lambda: (2 * torch.rand(shape, generator=generator) - 1).to(source.device, source.dtype)
+    gain, offset = 1 + strength * draw(), 0.5 * strength * draw()
+    return (source * gain + offset).clamp(-1, 1), (driving * gain + offset).clamp(-1, 1)
+
+
 class PairSampler:
     """Draws (source, driving) crop pairs of one clip each, from a seeded generator.
 
@@ -216,6 +233,7 @@ def train_autoencoder(
     mouth_weights = region_weights(mouth, size, options.mouth_weight) if options.mouth_weight else None
     # a fixed validation set of pairs (held-out identities): the same pairs at every evaluation
     val_pairs = PairSampler(val_clips, options.seed + 1).sample(64) if val_clips else None
+    jitter_rng = torch.Generator().manual_seed(options.seed)
     start = time.perf_counter()
     rows: list[dict] = []
     running = 0.0
@@ -225,6 +243,8 @@ def train_autoencoder(
         writer.writeheader()
         for step in range(1, options.steps + 1):
             source, driving = (images_to_tensor(mae, x, "face crops") for x in sampler.sample(options.batch_size))
+            if options.colour_jitter:
+                source, driving = jitter_colours(source, driving, options.colour_jitter, jitter_rng)
             # cosine decay to 10 %: big steps while the warp is found, small ones to sharpen
             lr = options.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step - 1) / options.steps)))
             for group in optimiser.param_groups:

@@ -16,6 +16,7 @@ from avatar_forcing.synthetic.world import generate_conversation
 from avatar_forcing.training.autoencoder import (
     AutoEncoderOptions,
     PairSampler,
+    jitter_colours,
     motion_weights,
     reconstruction_loss,
     region_weights,
@@ -157,6 +158,25 @@ def test_training_lowers_the_loss_on_held_out_pairs(clips, tmp_path):
     assert not mae.training and not any(p.requires_grad for p in mae.parameters())
 
 
+def test_colour_jitter_changes_both_crops_of_a_pair_alike():
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(6, 3, 8, 8) - 0.5
+    driving = source.clone()
+    driving[:, :, 2:4, 2:4] += 0.3  # the pair differs only where the "mouth" moved
+    jittered_source, jittered_driving = jitter_colours(source, driving, 0.3, g)
+    assert not torch.allclose(jittered_source, source)
+    # one affine change per pair and channel, the same for both crops: outside the moved pixels
+    # the two stay equal, and inside them the difference is the original one times the gain
+    outside = torch.ones(8, 8, dtype=torch.bool)
+    outside[2:4, 2:4] = False
+    assert torch.equal(jittered_source[..., outside], jittered_driving[..., outside])
+    gain = (jittered_source[..., 0, 0] - jittered_source[..., 0, 1]) / (source[..., 0, 0] - source[..., 0, 1])
+    moved = jittered_driving[..., 2, 2] - jittered_source[..., 2, 2]
+    torch.testing.assert_close(moved, 0.3 * gain, rtol=1e-4, atol=1e-5)
+    assert ((gain > 0.69) & (gain < 1.31)).all() and gain.std() > 0.05  # the pairs' changes differ
+    assert jitter_colours(source * 10, driving, 0.3, g)[0].abs().max() <= 1.0  # clamped to the image range
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="steps: expected an integer >= 1"):
         AutoEncoderOptions(steps=0)
@@ -168,6 +188,8 @@ def test_options_are_checked():
         AutoEncoderOptions(mouth_weight=-1.0)
     with pytest.raises(ValueError, match="pairs_by: expected one of"):
         AutoEncoderOptions(pairs_by="lips")
+    with pytest.raises(ValueError, match="colour_jitter: expected a number in"):
+        AutoEncoderOptions(colour_jitter=1.5)
 
 
 def test_cli_writes_a_weights_folder_prepare_can_use(tmp_path):
@@ -178,7 +200,7 @@ def test_cli_writes_a_weights_folder_prepare_can_use(tmp_path):
     out = tmp_path / "mae"
     argv = ["train-autoencoder", "--manifest", str(manifest), "--random-init", "--out", str(out), "--steps", "3",
             "--batch-size", "2", "--mouth-weight", "8", "--pairs-by", "mouth", "--pair-candidates", "2",
-            "--quiet"]  # fmt: skip
+            "--colour-jitter", "0.3", "--quiet"]  # fmt: skip
     assert main(argv) == 0
     start = random_model(tiny())
     trained = load_pretrained(out)
@@ -188,6 +210,7 @@ def test_cli_writes_a_weights_folder_prepare_can_use(tmp_path):
     assert changed("motion_autoencoder.") and not changed("flow_transformer.") and not changed("audio_encoder.")
     options = json.loads((out / "autoencoder_record.json").read_text())["options"]
     assert (options["steps"], options["mouth_weight"], options["pairs_by"]) == (3, 8.0, "mouth")
+    assert options["colour_jitter"] == 0.3
     assert main(["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "prep"), "--weights", str(out),
                  "--detect-every", "5", "--quiet"]) == 0  # fmt: skip
     assert main(["train-autoencoder", "--manifest", str(manifest), "--out", str(out)]) == 2  # no start weights
