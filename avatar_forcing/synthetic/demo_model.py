@@ -52,8 +52,9 @@ class Recipe:
     autoencoder_pair_candidates: int = 4
     autoencoder_mouth_weight: float = 8.0
     autoencoder_pairs_by: str = "mouth"
-    # motion coefficients rescaled to spread 1 after training, like the noise (training/latent_scale.py)
-    autoencoder_latent_std: float = 1.0
+    # 0: the latents keep the scale training gave them; rescaling them (training/latent_scale.py)
+    # changed nothing the flow transformer learnt in 1200 steps (docs/synthetic-world.md)
+    autoencoder_latent_std: float = 0.0
     df_steps: int = 1200
     dpo_steps: int = 100
     batch_size: int = 16
