@@ -15,6 +15,7 @@ autoencoder_record.json. Exit status 0, or 2 for bad arguments or unreadable med
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -106,18 +107,28 @@ def main(argv: list[str] | None = None) -> int:
             model = random_model(preset(args.config), args.init_seed)
             start_with_identity_warp(model.motion_autoencoder)
 
+        skipped: list[str] = []
+
         def crops(manifest: Path) -> list:
             videos = [v for conv in read_manifest(manifest) for v in (conv.avatar_video, conv.user_video)]
-            return load_face_crops(videos, model.config.motion_autoencoder, detect_every=args.detect_every)
+            clips = load_face_crops(videos, model.config.motion_autoencoder, args.detect_every, skipped=skipped)
+            if not clips:
+                raise ValueError(f"{manifest}: no video gave face crops ({len(skipped)} left out: {skipped[:3]})")
+            return clips
 
         train_clips = crops(args.manifest)
         val_clips = crops(args.val_manifest) if args.val_manifest else []
+        for reason in skipped:  # as prepare does: the rest of the data goes on
+            print(f"left out: {reason}", file=sys.stderr)
         record = train_autoencoder(
             model.motion_autoencoder, train_clips, options, args.out, val_clips, progress=not args.quiet
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if skipped:
+        record["left_out"] = skipped
+        (args.out / "autoencoder_record.json").write_text(json.dumps(record, indent=2) + "\n")
     save_pretrained(model, args.out)
     val = f", validation loss {record['final_val_loss']:.4f}" if val_clips else ""
     print(f"wrote {args.out}: loss {record['final_loss']:.4f}{val}, {record['train_seconds']:.0f} s")

@@ -108,16 +108,28 @@ def start_with_identity_warp(mae: MotionAutoEncoder) -> MotionAutoEncoder:
 
 
 def load_face_crops(
-    videos: Sequence[str | Path], mae: MotionAutoEncoderConfig, detect_every: int = 1, progress: bool = False
+    videos: Sequence[str | Path],
+    mae: MotionAutoEncoderConfig,
+    detect_every: int = 1,
+    progress: bool = False,
+    skipped: list[str] | None = None,
 ) -> list[np.ndarray]:
     """Each video -> its face crops (T, S, S, 3) uint8 at the auto-encoder's size and framing, cut as
-    `prepare` cuts them."""
+    `prepare` cuts them. With a `skipped` list, a video whose face track cannot be cut (no face
+    early enough, unreadable) is left out and its error appended there, as `prepare` leaves out
+    such a conversation; without one the first such error is raised."""
     from avatar_forcing.media.io import read_video
 
     cropper = FaceCropper.for_model(mae, detect_every=detect_every)
     clips = []
     for path in videos:
-        clips.append(cropper.crop_video(read_video(path).frames, str(path)))
+        try:
+            clips.append(cropper.crop_video(read_video(path).frames, str(path)))
+        except (ValueError, FileNotFoundError) as exc:
+            if skipped is None:
+                raise
+            skipped.append(str(exc))
+            continue
         if progress:
             print(f"  {path}: {len(clips[-1])} crops", flush=True)
     return clips

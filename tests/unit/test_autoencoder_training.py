@@ -17,6 +17,7 @@ from avatar_forcing.training.autoencoder import (
     AutoEncoderOptions,
     PairSampler,
     jitter_colours,
+    load_face_crops,
     motion_weights,
     reconstruction_loss,
     region_weights,
@@ -175,6 +176,22 @@ def test_colour_jitter_changes_both_crops_of_a_pair_alike():
     torch.testing.assert_close(moved, 0.3 * gain, rtol=1e-4, atol=1e-5)
     assert ((gain > 0.69) & (gain < 1.31)).all() and gain.std() > 0.05  # the pairs' changes differ
     assert jitter_colours(source * 10, driving, 0.3, g)[0].abs().max() <= 1.0  # clamped to the image range
+
+
+def test_a_video_without_a_face_is_left_out_and_named_or_raised(tmp_path):
+    from avatar_forcing.media.io import write_video
+
+    conv = generate_conversation(7, 2.0)
+    face, blank = tmp_path / "face.mp4", tmp_path / "blank.mp4"
+    write_video(face, conv.frames(0))
+    write_video(blank, np.full((50, 128, 128, 3), 90, np.uint8))  # a wall: no face to track
+    config = tiny().motion_autoencoder
+    skipped: list[str] = []
+    clips = load_face_crops([blank, face], config, detect_every=5, skipped=skipped)
+    assert len(clips) == 1 and clips[0].shape == (50, 64, 64, 3)
+    assert len(skipped) == 1 and "blank.mp4" in skipped[0] and "no face" in skipped[0]
+    with pytest.raises(ValueError, match=r"blank\.mp4.*no face"):
+        load_face_crops([face, blank], config, detect_every=5)
 
 
 def test_options_are_checked():
