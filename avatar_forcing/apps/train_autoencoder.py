@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--latent-std", type=float, default=0.0,
-        help="rescale the trained latents so the motion coefficients spread by this much (0: as trained; demo: 1)",
+        help="rescale the trained latents so the motion coefficients spread by this much (0: as trained)",
     )  # fmt: skip
     p.add_argument("--detect-every", type=int, default=5, help="face detection on every k-th frame (default 5)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
