@@ -55,6 +55,7 @@ from services.local.defaults import (
 from services.local.errors import LauncherError, Log, print_progress
 from services.local.gateway import LocalGateway, start_gateway
 from services.local.ports import free_port
+from services.local.ray_start import init_local_ray
 from services.local.redis_process import DEFAULT_REDIS_URL, ensure_redis
 from services.local.serve_deploy import deploy_config, load_serve_config, servicer_functions, wait_ready
 from services.local.service import LocalService, set_env, shutdown
@@ -210,7 +211,7 @@ def start_local(
             cpus = num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS)
             log(f"ray: starting a local cluster ({cpus} CPUs)")
             handlers = _keep_signal_handlers()
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+            init_local_ray(address="local", num_cpus=cpus, include_dashboard=False)
             own_ray = True
             _restore_handlers(handlers)  # Ctrl-C / SIGTERM keep unwinding this function, which cleans up
         if deploy is not None:

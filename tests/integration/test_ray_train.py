@@ -15,6 +15,7 @@ from avatar_forcing.nn.checkpoints import load_pretrained
 from avatar_forcing.training import checkpointing
 from avatar_forcing.training.run import RunSpec
 from avatar_forcing.training.trainer import TrainConfig
+from services.local.ray_start import init_local_ray
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,7 @@ def fits(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ray-train")
     storage = root / "ray"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         straight = train_ray(spec(root / "a"), num_workers=2, storage_path=storage, name="straight")
         stopped = train_ray(spec(root / "b"), num_workers=2, storage_path=storage, name="resumed", until=STOP)

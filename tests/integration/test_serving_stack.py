@@ -24,6 +24,7 @@ from avatar_forcing.config import tiny
 from avatar_forcing.nn.model import random_model
 from services.common.auth import mint_token
 from services.common.torch_tensors import decode_torch
+from services.local.ray_start import init_local_ray
 from services.serve_app import build_app
 from services.wire.errors import SessionNotFoundError
 from services.wire.protos import grpc_options, pb, pb_grpc, servicer_function
@@ -46,7 +47,7 @@ def stack(tmp_path_factory):
     prefix = f"stack-{uuid.uuid4().hex[:8]}"
     env = {"AVATAR_FORCING_AUTH_SECRET": SECRET, "AF_REDIS_TIMEOUT_S": "1.0", "AF_REPLICA_TTL_S": "3"}
     os.environ.update(env)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    init_local_ray(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     grpc_port = free_port()
     serve.start(
         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[servicer_function(s) for s in SERVICES]),

@@ -31,6 +31,7 @@ import torch
 
 from services.common.config import Settings
 from services.local.ports import free_port
+from services.local.ray_start import init_local_ray
 from services.wire.errors import NotFoundError, ValidationError
 from services.wire.protos import Limit, grpc_options, pb, pb_grpc, servicer_function
 from services.wire.tensors import decode, encode
@@ -71,7 +72,7 @@ def serve_app() -> Iterator[dict[str, Any]]:
     prefix = f"test-grpc-{uuid.uuid4().hex[:12]}"
     overrides = {"redis_url": TEST_REDIS_URL, "redis_prefix": prefix, "model_preset": "tiny"}
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(
             http_options={"host": "127.0.0.1", "port": free_port()},
