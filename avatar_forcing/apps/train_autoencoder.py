@@ -15,7 +15,6 @@ autoencoder_record.json. Exit status 0, or 2 for bad arguments or unreadable med
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -121,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         for reason in skipped:  # as prepare does: the rest of the data goes on
             print(f"left out: {reason}", file=sys.stderr)
         record = train_autoencoder(
-            model.motion_autoencoder, train_clips, options, args.out, val_clips, progress=not args.quiet
+            model.motion_autoencoder,
+            train_clips,
+            options,
+            args.out,
+            val_clips,
+            progress=not args.quiet,
+            left_out=skipped,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if skipped:
-        record["left_out"] = skipped
-        (args.out / "autoencoder_record.json").write_text(json.dumps(record, indent=2) + "\n")
     save_pretrained(model, args.out)
     val = f", validation loss {record['final_val_loss']:.4f}" if val_clips else ""
     print(f"wrote {args.out}: loss {record['final_loss']:.4f}{val}, {record['train_seconds']:.0f} s")

@@ -230,9 +230,11 @@ def train_autoencoder(
     out: Path,
     val_clips: Sequence[np.ndarray] = (),
     progress: bool = True,
+    left_out: Sequence[str] = (),
 ) -> dict:
     """Train `mae` in place; write OUT/metrics.csv (step, loss, val_loss, seconds) and return a
-    record of the run (options, final losses, time)."""
+    record of the run (options, final losses, time; `left_out`: the videos the caller could not
+    crop, why each)."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
     mae.train().requires_grad_(True)
@@ -294,6 +296,8 @@ def train_autoencoder(
         "train_seconds": round(time.perf_counter() - start, 1),
         "parameters": sum(p.numel() for p in mae.parameters()),
     }
+    if left_out:
+        record["left_out"] = list(left_out)
     if options.latent_std > 0:
         record["latent_scale"] = standardise_latents(mae, train_clips, options.latent_std, seed=options.seed)
     (out / "autoencoder_record.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -54,14 +54,23 @@ def scale_latents(mae: MotionAutoEncoder, factor: float) -> MotionAutoEncoder:
 def motion_spread(mae: MotionAutoEncoder, clips: Sequence[np.ndarray], frames: int = 2048, seed: int = 0) -> float:
     """Standard deviation of the motion coefficients over up to `frames` crops drawn from `clips`
     (per coefficient over the crops, then the root mean square over the coefficients)."""
-    crops = np.concatenate([c for c in clips if len(c)]) if clips else np.zeros((0,))
-    if len(crops) < 2:
-        raise ValueError(f"clips: {len(crops)} face crops; expected at least 2 to measure a spread")
-    pick = np.random.default_rng(seed).choice(len(crops), size=min(frames, len(crops)), replace=False)
+    lengths = np.array([len(c) for c in clips], dtype=np.int64)
+    total = int(lengths.sum())
+    if total < 2:
+        raise ValueError(f"clips: {total} face crops; expected at least 2 to measure a spread")
+    # flat indices over all clips' crops, gathered clip by clip: no copy of every crop
+    pick = np.sort(np.random.default_rng(seed).choice(total, size=min(frames, total), replace=False))
+    starts = np.cumsum(lengths) - lengths
+    clip_of = np.searchsorted(starts, pick, side="right") - 1
+    crops = np.stack([clips[k][i] for k, i in zip(clip_of, pick - starts[clip_of], strict=True)])
     was_training = mae.training
     mae.eval()
-    chunks = [np.sort(pick[i : i + 256]) for i in range(0, len(pick), 256)]
-    alpha = torch.cat([mae.motion_coefficients(images_to_tensor(mae, crops[c], "face crops")) for c in chunks])
+    alpha = torch.cat(
+        [
+            mae.motion_coefficients(images_to_tensor(mae, crops[i : i + 256], "face crops"))
+            for i in range(0, len(crops), 256)
+        ]
+    )
     mae.train(was_training)
     return float(alpha.double().var(dim=0).mean().sqrt())
 

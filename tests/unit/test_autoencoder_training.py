@@ -148,12 +148,14 @@ def test_training_lowers_the_loss_on_held_out_pairs(clips, tmp_path):
     held = PairSampler(clips, seed=99).sample(16)
     before = validation_loss(mae, held)
     options = AutoEncoderOptions(steps=40, batch_size=8, log_every=20)
-    record = train_autoencoder(mae, clips, options, tmp_path, val_clips=clips[:1], progress=False)
+    left_out = ["blank.mp4: no face found in frames 0-49"]
+    record = train_autoencoder(mae, clips, options, tmp_path, val_clips=clips[:1], progress=False, left_out=left_out)
     after = validation_loss(mae, held)
     # a random decoder starts near L1 ~ 1.5 (3 scales x ~0.5); 40 steps learn at least the
     # backdrop and the face's colours, which more than halves it
     assert after < 0.5 * before, (before, after)
     assert record["train_crops"] == sum(len(c) for c in clips)
+    assert json.loads((tmp_path / "autoencoder_record.json").read_text())["left_out"] == left_out
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss,val_loss") and len(rows) == 3
     assert not mae.training and not any(p.requires_grad for p in mae.parameters())
